@@ -1,0 +1,1 @@
+"""The embedded default: tiny backbones and a synthetic dataset, so the whole system runs with no downloads."""

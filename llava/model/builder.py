@@ -1,0 +1,388 @@
+"""`load_pretrained_model`: the one loader behind every entry point, for every checkpoint kind LLaVA users have.
+
+Kinds, decided from the directory's files and config (never from its name):
+  full       an HF decoder dir whose config adds `mm_vision_tower` etc. (LLaVA-1.5/1.6 releases, our full fine-tunes)
+  projector  stage-1 output: `config.json` + `mm_projector.bin`, loaded on top of `model_base`
+  lora       `adapter_config.json` + adapter weights + `non_lora_trainables.bin`, loaded on top of `model_base`
+  hf         llava-hf (`LlavaForConditionalGeneration`), converted to our classes on load
+  text       a plain decoder with no vision tower (language-only)
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.conversation import conv_templates, guess_conv_mode
+from llava.model.language_model import decoder_for_config
+from llava.model.llava_arch import load_projector_weights, resize_embeddings_to_mean
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "model*.bin")
+# Architecture fields a LoRA's base must share with the model the LoRA was trained on.
+BASE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete or does not fit the model it is loaded into."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    kind: str  # full | projector | lora | hf | text
+    config: dict
+
+
+def _weight_files(path: str) -> list[str]:
+    return sorted(f for pattern in WEIGHT_PATTERNS for f in glob.glob(os.path.join(path, pattern)))
+
+
+def resolve_local(path_or_id: str, what: str = "model_path") -> str:
+    """A local directory for `path_or_id`: itself if it is one, else a hub snapshot (needs network)."""
+    expanded = os.path.expanduser(path_or_id)
+    if os.path.isdir(expanded):
+        return expanded
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path_or_id)
+    except Exception as err:  # hub errors come in many types; all mean the same thing to the user
+        raise CheckpointError(
+            f"`{path_or_id}` ({what}) is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Pass a local directory."
+        ) from err
+
+
+def read_config(path: str) -> dict:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"`{path}` has no config.json; files there: {sorted(os.listdir(path))[:20]}.")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def detect_checkpoint_kind(path: str) -> CheckpointInfo:
+    """Classify a local checkpoint directory by its files and config."""
+    files = set(os.listdir(path))
+    if "adapter_config.json" in files:
+        return CheckpointInfo(path, "lora", read_config(path) if "config.json" in files else {})
+    config = read_config(path)
+    archs = config.get("architectures") or []
+    if "LlavaForConditionalGeneration" in archs or (config.get("model_type") == "llava" and "text_config" in config):
+        return CheckpointInfo(path, "hf", config)
+    has_weights = bool(_weight_files(path))
+    if not config.get("mm_vision_tower"):
+        if has_weights:
+            return CheckpointInfo(path, "text", config)
+        raise CheckpointError(f"`{path}` has a config.json but no weights and no `mm_vision_tower`.")
+    if has_weights:
+        return CheckpointInfo(path, "full", config)
+    if "mm_projector.bin" in files:
+        return CheckpointInfo(path, "projector", config)
+    raise CheckpointError(
+        f"`{path}`: config.json names a vision tower but there are no model weights ({', '.join(WEIGHT_PATTERNS)}) "
+        "and no `mm_projector.bin`. Is the directory complete?"
+    )
+
+
+def _config_object(spec, config: dict, vision_tower: str | None):
+    config = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    if vision_tower:
+        config["mm_vision_tower"] = vision_tower
+        config.pop("mm_vision_tower_config", None)
+    return spec.config_cls(**config)
+
+
+def _attn_implementation(use_flash_attn: bool) -> str:
+    if not use_flash_attn:
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        logger.warning("flash-attn is not installed (pip install 'llava[flash]'); using PyTorch SDPA attention.")
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device=`{device}` was asked for but CUDA is not available; pass device='cpu' (--device cpu)."
+        )
+    return device
+
+
+def _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype) -> dict:
+    kwargs: dict = {"attn_implementation": _attn_implementation(use_flash_attn)}
+    if device != "cuda":
+        kwargs["device_map"] = {"": device}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    if dtype is None:
+        if device == "cpu":
+            dtype = torch.float32
+        elif device == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.float16
+    kwargs["dtype"] = dtype
+    if load_8bit and load_4bit:
+        raise ValueError("Choose one of load_8bit / load_4bit.")
+    if load_8bit or load_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError("8/4-bit loading needs bitsandbytes: pip install 'llava[quant]'.")
+        from transformers import BitsAndBytesConfig
+
+        # Matched from the start of module names (transformers 5): the projector and tower stay full precision.
+        skip = ["model.mm_projector", "model.vision_tower", "lm_head"]
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+            if load_8bit
+            else BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_type="nf4",
+                llm_int8_skip_modules=skip,
+            )
+        )
+    return kwargs
+
+
+def _is_tower_key(key: str) -> bool:
+    return ".vision_tower." in f".{key}"
+
+
+def _from_pretrained(spec, weights_dir: str, config, kwargs: dict, expect_missing=("tower",)):
+    """`from_pretrained` that turns missing/misshapen weights into errors; returns (model, missing tower?)."""
+    try:
+        model, info = spec.causal_lm_cls.from_pretrained(weights_dir, config=config, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "mismatch" in str(err):
+            raise CheckpointError(
+                f"Weights in `{weights_dir}` do not fit the model described by its config: {err}"
+            ) from err
+        raise
+    missing = set(info["missing_keys"])
+    tower_missing = {k for k in missing if _is_tower_key(k)}
+    projector_missing = {k for k in missing if "mm_projector" in k or "image_newline" in k}
+    other = missing - tower_missing - projector_missing
+    if "projector" not in expect_missing and projector_missing:
+        raise CheckpointError(
+            f"`{weights_dir}` lacks projector weights {sorted(projector_missing)}: the checkpoint is incomplete "
+            "(a stage-1 output needs `mm_projector.bin` and `--model-base`)."
+        )
+    if other:
+        raise CheckpointError(f"`{weights_dir}` lacks weights the model needs: {sorted(other)[:8]}.")
+    if info["unexpected_keys"]:
+        logger.info(
+            "Ignored %d unexpected weights in %s: %s",
+            len(info["unexpected_keys"]),
+            weights_dir,
+            sorted(info["unexpected_keys"])[:5],
+        )
+    return model, bool(tower_missing)
+
+
+def _load_tokenizer(*dirs: str):
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if d and any(
+            os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        ):
+            return AutoTokenizer.from_pretrained(d)
+    raise CheckpointError(f"No tokenizer files in {[d for d in dirs if d]}.")
+
+
+def _finish_multimodal(model, tokenizer, tower_missing: bool):
+    config = model.config
+    new_tokens = []
+    if getattr(config, "mm_use_im_patch_token", True):
+        new_tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)
+    if getattr(config, "mm_use_im_start_end", False):
+        new_tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    added = tokenizer.add_tokens(new_tokens, special_tokens=True) if new_tokens else 0
+    if added and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        resize_embeddings_to_mean(model, len(tokenizer), len(tokenizer) - model.get_input_embeddings().weight.shape[0])
+    tower = model.get_vision_tower()
+    if tower_missing:
+        tower.load_model()
+    else:
+        tower.is_loaded = True
+    embed = model.get_input_embeddings().weight
+    if tower.device != embed.device or tower.dtype != embed.dtype:
+        tower.to(device=embed.device, dtype=embed.dtype)
+    return tower.image_processor
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = "auto",
+    device: str = "cuda",
+    use_flash_attn: bool = False,
+    *,
+    vision_tower: str | None = None,
+    merge_lora: bool = True,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+):
+    """Load any LLaVA checkpoint. Returns `(tokenizer, model, image_processor, context_len)`.
+
+    `model_name` is accepted for compatibility and only used to guess a chat template for old checkpoints that do
+    not store one; it never decides how the checkpoint is loaded. `vision_tower` overrides the config's
+    `mm_vision_tower` (e.g. a local copy of CLIP). `merge_lora=False` keeps a LoRA as a `PeftModel`.
+    """
+    if kwargs:
+        logger.info("load_pretrained_model: ignoring unused arguments %s", sorted(kwargs))
+    device = _resolve_device(device)
+    path = resolve_local(model_path)
+    info = detect_checkpoint_kind(path)
+    load_kwargs = _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype)
+    base = resolve_local(model_base, "model_base") if model_base else None
+
+    if info.kind == "hf":
+        from llava.model.convert_hf import import_from_hf
+
+        with tempfile.TemporaryDirectory(prefix="llava-hf-import-") as tmp:
+            import_from_hf(path, tmp)
+            out = load_pretrained_model(
+                tmp,
+                None,
+                model_name,
+                load_8bit,
+                load_4bit,
+                device_map,
+                device,
+                use_flash_attn,
+                vision_tower=vision_tower,
+                dtype=dtype,
+            )
+            out[1].config.mm_vision_tower = path
+            return out
+
+    if info.kind == "text":
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = _load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        return tokenizer, model, None, _context_len(model.config)
+
+    if info.kind in ("projector", "lora") and base is None:
+        what = "projector weights only (a stage-1 output)" if info.kind == "projector" else "a LoRA adapter"
+        raise CheckpointError(
+            f"`{model_path}` holds {what}; pass the decoder it was trained on as `model_base` (--model-base)."
+        )
+    if info.kind == "lora" and not info.config:
+        raise CheckpointError(f"LoRA dir `{model_path}` has no config.json (the LLaVA config saved with the adapter).")
+
+    spec = decoder_for_config(info.config, os.path.join(path, "config.json"))
+    config = _config_object(spec, info.config, vision_tower)
+
+    if info.kind == "full":
+        model, tower_missing = _from_pretrained(spec, path, config, load_kwargs, expect_missing=("tower",))
+        tokenizer = _load_tokenizer(path, base)
+    elif info.kind == "projector":
+        model, tower_missing = _from_pretrained(spec, base, config, load_kwargs, expect_missing=("tower", "projector"))
+        state = torch.load(os.path.join(path, "mm_projector.bin"), map_location="cpu", weights_only=True)
+        load_projector_weights(model.get_model().mm_projector, state, os.path.join(path, "mm_projector.bin"))
+        tokenizer = _load_tokenizer(path, base)
+    else:  # lora
+        _check_lora_base(path, info.config, base)
+        model, tower_missing = _from_pretrained(spec, base, config, load_kwargs, expect_missing=("tower", "projector"))
+        tokenizer = _load_tokenizer(path, base)
+        model = _apply_lora(model, path, merge_lora)
+
+    image_processor = _finish_multimodal(_unwrap(model), tokenizer, tower_missing)
+    model.eval()
+    return tokenizer, model, image_processor, _context_len(_unwrap(model).config)
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _context_len(config) -> int:
+    for field in ("max_sequence_length", "tokenizer_model_max_length", "max_position_embeddings"):
+        value = getattr(config, field, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def _check_lora_base(lora_dir: str, lora_config: dict, base_dir: str) -> None:
+    base_config = read_config(base_dir)
+    diffs = [
+        f"{f}: LoRA was trained on {lora_config.get(f)}, base has {base_config.get(f)}"
+        for f in BASE_FIELDS
+        if f in lora_config and f in base_config and lora_config[f] != base_config[f]
+    ]
+    if diffs:
+        adapter = json.load(open(os.path.join(lora_dir, "adapter_config.json")))
+        raise CheckpointError(
+            f"The LoRA in `{lora_dir}` does not match the base `{base_dir}` ({'; '.join(diffs)}). The adapter "
+            f"names `{adapter.get('base_model_name_or_path')}` as its base; pass that as `model_base` (--model-base)."
+        )
+
+
+def _apply_lora(model, lora_dir: str, merge: bool):
+    non_lora_file = os.path.join(lora_dir, "non_lora_trainables.bin")
+    if not os.path.isfile(non_lora_file):
+        raise CheckpointError(
+            f"LoRA dir `{lora_dir}` has no `non_lora_trainables.bin` (the trained projector). Is the run complete?"
+        )
+    state = torch.load(non_lora_file, map_location="cpu", weights_only=True)
+    # Saved from a PeftModel: keys are `base_model.model.<name>` (older runs sometimes `model.model.<name>`).
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if any(k.startswith("model.model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    load_projector_weights(model.get_model().mm_projector, state, non_lora_file)
+    rest = {k: v for k, v in state.items() if "mm_projector." not in k}
+    if rest:
+        own = model.state_dict()
+        unknown = sorted(k for k in rest if k not in own)
+        if unknown:
+            raise CheckpointError(f"`{non_lora_file}` has weights this model does not have: {unknown[:5]}.")
+        wrong = [k for k in rest if own[k].shape != rest[k].shape]
+        if wrong:
+            raise CheckpointError(f"`{non_lora_file}`: shape mismatch for {wrong[:5]}.")
+        model.load_state_dict(rest, strict=False)
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, lora_dir)
+    if merge:
+        model = model.merge_and_unload()
+    return model
+
+
+def get_conv_mode(model_config, model_path: str = "", override: str | None = None) -> str:
+    """The chat template to prompt with: `override`, else the one stored at training, else a legacy name guess."""
+    if override:
+        if override not in conv_templates:
+            raise ValueError(f"Unknown conversation template `{override}`; valid: {', '.join(sorted(conv_templates))}.")
+        return override
+    stored = getattr(model_config, "conv_template", None)
+    if stored:
+        return stored
+    from llava.mm_utils import get_model_name_from_path
+
+    guessed = guess_conv_mode(get_model_name_from_path(model_path) if model_path else "")
+    logger.info("Checkpoint stores no chat template; guessed `%s` from its name (override with --conv-mode).", guessed)
+    return guessed

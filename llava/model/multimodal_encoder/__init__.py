@@ -1,0 +1,1 @@
+"""Vision towers: any Hugging Face vision encoder that returns hidden states, registered by model type."""

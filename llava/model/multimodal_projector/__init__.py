@@ -1,0 +1,1 @@
+"""Projectors that map vision features into the decoder's embedding space."""
