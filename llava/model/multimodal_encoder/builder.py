@@ -165,7 +165,9 @@ CLIPVisionTower = VisionTower
 def build_image_processor(name: str, vision_config: PretrainedConfig):
     """The tower's own preprocessor config when present, else one derived from the vision config."""
     processor_cls = _transformers_attr(VISION_TOWERS[vision_config.model_type].processor_cls)
-    if os.path.isfile(os.path.join(name, "preprocessor_config.json")):
+    # transformers 5 processors save `processor_config.json` (image settings nested); older dirs have
+    # `preprocessor_config.json`. `from_pretrained` reads either.
+    if any(os.path.isfile(os.path.join(name, f)) for f in ("preprocessor_config.json", "processor_config.json")):
         return processor_cls.from_pretrained(name)
     if not os.path.isdir(name):
         try:
