@@ -1,0 +1,144 @@
+"""Answer MMBench / MMBench-CN from its TSV (base64 images), then convert with scripts/convert_mmbench_for_submission.py.
+
+    python -m llava.eval.model_vqa_mmbench --model-path liuhaotian/llava-v1.5-13b \
+        --question-file playground/data/eval/mmbench/mmbench_dev_20230712.tsv \
+        --answers-file playground/data/eval/mmbench/answers/mmbench_dev_20230712/llava-v1.5-13b.jsonl \
+        --single-pred-prompt --temperature 0 --conv-mode vicuna_v1          # MMBench-CN: add --lang cn
+
+TSV columns: index, question, hint, A, B, C, D, (answer,) image (base64; or the index of a row holding the same
+image), ... `--all-rounds` asks each question once per option, rotating the options (A..D stay in place, the texts
+move); each answer records `round_id`, the `options` as shown and `option_char`, the original letter of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+
+from llava.eval.runner import (
+    AnswerFile,
+    Request,
+    add_io_args,
+    add_model_args,
+    conv_mode_for,
+    generate_answers,
+    get_chunk,
+    load_engine,
+    one_at_a_time,
+    opt,
+    pending,
+)
+
+ALL_OPTIONS = ["A", "B", "C", "D"]
+INSTRUCTIONS = {
+    "en": "Answer with the option's letter from the given choices directly.",
+    "cn": "请直接回答选项字母。",
+}
+
+
+def is_none(value) -> bool:
+    """An empty TSV cell, as pandas reads it (NaN) or as text ("", "nan", "none")."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+
+
+def read_tsv(path: str) -> list[dict]:
+    """Rows of a TSV as dicts of strings; the `index` column becomes an int when it is one (as pandas gives it)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are far longer than csv's default limit
+    with open(os.path.expanduser(path), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    for row in rows:
+        index = row.get("index")
+        if isinstance(index, str) and index.strip().lstrip("-").isdigit():
+            row["index"] = int(index)
+    return rows
+
+
+def get_options(row: dict, options: list[str]) -> list[str]:
+    """The option texts of a row, up to the first empty one."""
+    parsed = []
+    for option in options:
+        value = row.get(option)
+        if is_none(value):
+            break
+        parsed.append(value)
+    return parsed
+
+
+def row_image(row: dict, by_index: dict) -> str:
+    """The row's base64 image; newer MMBench TSVs give the index of another row with the same image instead."""
+    image = row.get("image")
+    if is_none(image):
+        raise ValueError(f"MMBench row index={row.get('index')!r} has no image.")
+    if len(image) < 64 and image.strip().isdigit() and int(image) in by_index:
+        return by_index[int(image)]["image"]
+    return image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Answer MMBench (TSV with base64 images) with a LLaVA model.")
+    add_model_args(parser, temperature=0.2, max_new_tokens=128)
+    add_io_args(parser)
+    parser.add_argument("--single-pred-prompt", action="store_true", help="ask for the option's letter only")
+    parser.add_argument("--all-rounds", action="store_true", help="ask once per option, rotating the options")
+    parser.add_argument("--lang", type=str, default="en", choices=sorted(INSTRUCTIONS))
+    return parser
+
+
+def mmbench_requests(rows: list[dict], all_rows: list[dict], args, engine, conv_mode: str) -> list[Request]:
+    by_index = {row["index"]: row for row in all_rows if "index" in row}
+    instruction = INSTRUCTIONS[opt(args, "lang", "en")]
+    requests = []
+    for row in rows:
+        options = get_options(row, ALL_OPTIONS)
+        option_char = ALL_OPTIONS[: len(options)]
+        rounds = len(options) if opt(args, "all_rounds", False) else 1
+        image = row_image(row, by_index)
+        for round_idx in range(rounds):
+            idx = row["index"]
+            question = row["question"]
+            if not is_none(row.get("hint")):
+                question = row["hint"] + "\n" + question
+            for letter, option in zip(ALL_OPTIONS[: len(options)], options):
+                question = question + "\n" + letter + ". " + option
+            asked = question + "\n" + instruction if opt(args, "single_pred_prompt", False) else question
+            prompt = engine.build_prompt(asked, 1, conv_mode)
+            head = {"question_id": idx, "round_id": round_idx, "prompt": question}
+            extra = {"options": options, "option_char": option_char}
+            requests.append(Request((idx, round_idx), head, prompt, [image], base64_images=True, extra=extra))
+            options = options[1:] + options[:1]  # the next round shows the options rotated by one
+            option_char = option_char[1:] + option_char[:1]
+    return requests
+
+
+def round_key(record: dict):
+    return record["question_id"], record.get("round_id", 0)
+
+
+def eval_model(args, engine=None) -> str:
+    all_rows = read_tsv(args.question_file)
+    missing = {"index", "question", "image"} - set(all_rows[0] if all_rows else {})
+    if missing:
+        raise ValueError(f"`{args.question_file}` lacks the MMBench column(s) {sorted(missing)}.")
+    rows = get_chunk(all_rows, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
+    engine = engine or load_engine(args)
+    conv_mode = conv_mode_for(args, engine)
+    with AnswerFile(args.answers_file, key=round_key, overwrite=bool(opt(args, "overwrite", False))) as answers:
+        requests = mmbench_requests(rows, all_rows, args, engine, conv_mode)
+        todo = pending(requests, answers, len(requests))
+        generate_answers(engine, one_at_a_time(todo), len(todo), args, answers, conv_mode)
+    return answers.path
+
+
+def main(argv: list[str] | None = None) -> str:
+    return eval_model(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

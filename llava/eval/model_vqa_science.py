@@ -1,0 +1,82 @@
+"""Answer ScienceQA in LLaVA format (`scripts/convert_sqa_to_llava.py` output), then score with eval_science_qa.
+
+    python -m llava.eval.model_vqa_science --model-path liuhaotian/llava-v1.5-13b \
+        --question-file playground/data/eval/scienceqa/llava_test_CQM-A.json \
+        --image-folder playground/data/eval/scienceqa/images/test \
+        --answers-file playground/data/eval/scienceqa/answers/llava-v1.5-13b.jsonl \
+        --single-pred-prompt --temperature 0 --conv-mode vicuna_v1
+
+Questions are LLaVA records `{"id", "image"?, "conversations": [{"from": "human", "value"}, ...]}` (a JSON list or
+JSON lines); the first human turn is asked. The answer's `prompt` starts with `<image>\\n` for questions with an
+image, which eval_science_qa uses to report image-question accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.eval.runner import (
+    AnswerFile,
+    Request,
+    add_io_args,
+    add_model_args,
+    conv_mode_for,
+    generate_answers,
+    get_chunk,
+    image_paths,
+    load_engine,
+    one_at_a_time,
+    opt,
+    pending,
+    read_questions,
+)
+
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Answer ScienceQA (LLaVA format) with a LLaVA model.")
+    add_model_args(parser, temperature=0.2, max_new_tokens=1024)
+    add_io_args(parser)
+    parser.add_argument(
+        "--single-pred-prompt", action="store_true", help=f"append the instruction `{SINGLE_PRED_PROMPT}`"
+    )
+    return parser
+
+
+def science_requests(questions: list[dict], args, engine, conv_mode: str, source: str) -> list[Request]:
+    requests = []
+    for number, line in enumerate(questions, 1):
+        if "id" not in line or not line.get("conversations"):
+            raise ValueError(f"`{source}` record {number} lacks `id` or `conversations` (LLaVA ScienceQA format).")
+        question = line["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        paths = image_paths(opt(args, "image_folder", ""), line.get("image"))
+        shown = (DEFAULT_IMAGE_TOKEN + "\n") * len(paths) + question
+        if opt(args, "single_pred_prompt", False):
+            question = question + "\n" + SINGLE_PRED_PROMPT
+            shown = shown + "\n" + SINGLE_PRED_PROMPT
+        prompt = engine.build_prompt(question, len(paths), conv_mode)
+        requests.append(Request(line["id"], {"question_id": line["id"], "prompt": shown}, prompt, paths))
+    return requests
+
+
+def eval_model(args, engine=None) -> str:
+    questions = read_questions(args.question_file)  # before loading the model: a bad path fails at once
+    questions = get_chunk(questions, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
+    engine = engine or load_engine(args)
+    conv_mode = conv_mode_for(args, engine)
+    with AnswerFile(args.answers_file, overwrite=bool(opt(args, "overwrite", False))) as answers:
+        todo = pending(
+            science_requests(questions, args, engine, conv_mode, args.question_file), answers, len(questions)
+        )
+        generate_answers(engine, one_at_a_time(todo), len(todo), args, answers, conv_mode)
+    return answers.path
+
+
+def main(argv: list[str] | None = None) -> str:
+    return eval_model(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Shared pieces of the answer-generation scripts: flags, question files, chunks, resumable answer files, the loop.
+
+Every generation script reads its questions, keeps its chunk (`--num-chunks/--chunk-idx`), skips what the answers
+file already holds, and writes one JSON line per answer (DESIGN.md, "Eval files"):
+    {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import secrets
+import string
+import sys
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def log(message: str) -> None:
+    """A progress note on stderr (stdout stays clean for scripts that print results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def opt(args: Any, name: str, default: Any = None) -> Any:
+    """`args.name`, or `default` when absent: `eval_model` also takes hand-made args objects (README style)."""
+    value = getattr(args, name, default)
+    return default if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, temperature: float = 0.2, max_new_tokens: int = 1024) -> None:
+    """Model, template and sampling flags, spelled as in the original scripts (plus dashed aliases)."""
+    parser.add_argument("--model-path", type=str, required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--model-base", type=str, default=None, help="base decoder for LoRA / projector-only dirs")
+    parser.add_argument("--model-name", type=str, default=None, help="model_id in answers (default: from the path)")
+    parser.add_argument("--vision-tower", type=str, default=None, help="override the config's mm_vision_tower")
+    parser.add_argument(
+        "--conv-mode", type=str, default=None, help="chat template (default: the one stored in the checkpoint)"
+    )
+    parser.add_argument("--device", type=str, default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cpu, mps")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top_p", "--top-p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=max_new_tokens)
+
+
+def add_io_args(parser: argparse.ArgumentParser, *, image_folder: bool = True, chunks: bool = True) -> None:
+    parser.add_argument("--question-file", type=str, required=True)
+    if image_folder:
+        parser.add_argument("--image-folder", type=str, default="", help="image paths in questions are under it")
+    parser.add_argument("--answers-file", type=str, required=True)
+    if chunks:
+        parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many parts")
+        parser.add_argument("--chunk-idx", type=int, default=0, help="which part this process answers (0-based)")
+    parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming it")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Questions and chunks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSON-lines file; a bad line is reported with its number."""
+    path = os.path.expanduser(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"`{path}` line {number} is not valid JSON ({err}).") from err
+    return records
+
+
+def read_answer_texts(path: str) -> tuple[dict, int]:
+    """{question_id: text} and the number of lines that were not valid JSON (counted, as the original did)."""
+    answers, errors = {}, 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                errors += 1
+                continue
+            answers[record["question_id"]] = record["text"]
+    return answers, errors
+
+
+def read_questions(path: str) -> list[dict]:
+    """Questions from a JSON list (ScienceQA's `llava_test_CQM-A.json`) or a JSON-lines file."""
+    expanded = os.path.expanduser(path)
+    with open(expanded, encoding="utf-8") as f:
+        head = f.read(64).lstrip()
+    if head.startswith("["):
+        with open(expanded, encoding="utf-8") as f:
+            return json.load(f)
+    return read_jsonl(expanded)
+
+
+def split_list(items: Sequence, n: int) -> list[Sequence]:
+    """`items` cut into consecutive parts of ceil(len/n) items, as the original scripts cut them."""
+    if not items:
+        return []
+    size = math.ceil(len(items) / n)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> Sequence:
+    """Part `chunk_idx` of `num_chunks`; concatenating parts 0..n-1 gives `items` back in order."""
+    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(
+            f"`--chunk-idx`={chunk_idx} with `--num-chunks`={num_chunks}: need num_chunks >= 1 and "
+            "0 <= chunk_idx < num_chunks."
+        )
+    chunks = split_list(items, num_chunks)
+    return chunks[chunk_idx] if chunk_idx < len(chunks) else items[:0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answers file
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def question_key(record: dict) -> Hashable:
+    return record["question_id"]
+
+
+def new_answer_id() -> str:
+    """A random 22-character id, like the original's shortuuid."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
+
+
+class AnswerFile:
+    """A JSON-lines answers file opened for appending; `done` holds the keys it already answers.
+
+    A run that was killed mid-write leaves a truncated last line: it is dropped (and re-answered). Any other bad line
+    is an error, since it means the file is not an answers file.
+    """
+
+    def __init__(self, path: str, key: Callable[[dict], Hashable] = question_key, overwrite: bool = False):
+        self.path = os.path.expanduser(path)
+        self.key = key
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.done: set = set()
+        if overwrite or not os.path.exists(self.path):
+            open(self.path, "w").close()
+        else:
+            self._scan()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _scan(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        kept = []
+        for i, (number, line) in enumerate(numbered):
+            try:
+                record = json.loads(line)
+                self.done.add(self.key(record))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                if i == len(numbered) - 1:
+                    log(f"{self.path}: dropping a truncated last line (line {number}); that question is re-answered.")
+                    continue
+                raise ValueError(
+                    f"`{self.path}` line {number} is not an answer record ({type(err).__name__}: {err}); pass "
+                    "--overwrite to start this answers file afresh, or choose another --answers-file."
+                ) from err
+            kept.append(line)
+        tidy = "".join(line + "\n" for line in kept)
+        if tidy != text:  # a dropped line, blank lines or a missing final newline: rewrite before appending
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(tidy)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.done.add(self.key(record))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> AnswerFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model and generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_engine(args: Any):
+    """The `LlavaEngine` the flags describe (device and dtype from the machine unless `--device` says)."""
+    from llava.inference import LlavaEngine
+
+    return LlavaEngine.from_pretrained(
+        os.path.expanduser(args.model_path),
+        opt(args, "model_base"),
+        conv_mode=opt(args, "conv_mode") or None,
+        model_name=opt(args, "model_name"),
+        load_8bit=bool(opt(args, "load_8bit", False)),
+        load_4bit=bool(opt(args, "load_4bit", False)),
+        device=opt(args, "device", "auto"),
+        vision_tower=opt(args, "vision_tower"),
+    )
+
+
+def model_id(args: Any) -> str:
+    from llava.mm_utils import get_model_name_from_path
+
+    return opt(args, "model_name") or get_model_name_from_path(os.path.expanduser(args.model_path))
+
+
+def conv_mode_for(args: Any, engine) -> str:
+    """`--conv-mode` when given (empty counts as not given), else the checkpoint's template."""
+    from llava.conversation import conv_templates
+
+    mode = opt(args, "conv_mode") or engine.conv_mode
+    if mode not in conv_templates:
+        raise ValueError(f"Unknown `--conv-mode` `{mode}`; valid: {', '.join(sorted(conv_templates))}.")
+    return mode
+
+
+def generation_params(args: Any):
+    from llava.inference import GenerationParams
+
+    return GenerationParams(
+        temperature=float(opt(args, "temperature", 0.2)),
+        top_p=float(opt(args, "top_p", 1.0)),
+        num_beams=int(opt(args, "num_beams", 1)),
+        max_new_tokens=int(opt(args, "max_new_tokens", 1024)),
+    )
+
+
+@dataclass
+class Request:
+    """One prompt to answer: the record fields around the answer text, the full prompt, and its image sources."""
+
+    key: Hashable
+    head: dict  # fields before "text": question_id (round_id), prompt
+    prompt: str  # the full prompt in the chat template
+    image_sources: list[str] = field(default_factory=list)
+    base64_images: bool = False
+    extra: dict = field(default_factory=dict)  # fields after "text" (MMBench: options, option_char)
+    images: list | None = None
+
+    def loaded(self) -> Request:
+        """This request with its images loaded (paths/URLs, or base64 strings)."""
+        from llava.mm_utils import load_image, load_image_from_base64
+
+        loader = load_image_from_base64 if self.base64_images else load_image
+        return dataclasses.replace(self, images=[loader(source) for source in self.image_sources])
+
+
+def image_paths(image_folder: str, image: str | Sequence[str] | None) -> list[str]:
+    """A question's `image` field (one path, a list, or none) as paths under `image_folder`."""
+    if not image:
+        return []
+    names = [image] if isinstance(image, str) else list(image)
+    folder = os.path.expanduser(image_folder or "")
+    return [os.path.join(folder, name) for name in names]
+
+
+def generate_answers(
+    engine,
+    batches: Iterable[list[Request]],
+    total: int,
+    args: Any,
+    answers: AnswerFile,
+    conv_mode: str,
+    desc: str = "answering",
+) -> int:
+    """Generate for each batch of loaded requests and append one record per answer; returns the number written."""
+    from llava.inference import RequestError
+
+    params = generation_params(args)
+    name = model_id(args)
+    metadata = {
+        "conv_mode": conv_mode,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "num_beams": params.num_beams,
+        "max_new_tokens": params.max_new_tokens,
+    }
+    written = 0
+    with tqdm(total=total, desc=desc, unit="q", dynamic_ncols=True) as bar:
+        for batch in batches:
+            try:
+                texts = engine.generate([r.prompt for r in batch], [r.images or [] for r in batch], params, conv_mode)
+            except RequestError as err:
+                keys = ", ".join(repr(r.key) for r in batch)
+                raise RequestError(f"Question {keys}: {err}") from err
+            for request, text in zip(batch, texts):
+                answers.write(
+                    {
+                        **request.head,
+                        "text": text,
+                        **request.extra,
+                        "answer_id": new_answer_id(),
+                        "model_id": name,
+                        "metadata": metadata,
+                    }
+                )
+            written += len(batch)
+            bar.update(len(batch))
+    return written
+
+
+def pending(requests: Iterable[Request], answers: AnswerFile, total: int) -> list[Request]:
+    """The requests the answers file does not hold yet, with a note when some are skipped."""
+    todo = [r for r in requests if r.key not in answers.done]
+    if len(todo) < total:
+        log(f"{answers.path}: {total - len(todo)} of {total} already answered; answering the other {len(todo)}.")
+    return todo
+
+
+def one_at_a_time(requests: Iterable[Request]) -> Iterable[list[Request]]:
+    for request in requests:
+        yield [request.loaded()]

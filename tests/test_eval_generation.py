@@ -1,0 +1,453 @@
+"""Answer generation scripts on a tiny checkpoint: answer-file format, chunking, batching, resuming, the CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from eval_helpers import (
+    REPO,
+    load_script,
+    make_image,
+    png_base64,
+    read_jsonl,
+    subprocess_env,
+    write_images,
+    write_jsonl,
+)
+
+from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science, run_llava
+from llava.eval.runner import get_chunk
+from llava.inference import GenerationParams, LlavaEngine
+
+ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+GREEDY = ["--temperature", "0", "--max_new_tokens", "5"]
+CN_INSTRUCTION = "请直接回答选项字母。"
+SQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny) -> str:
+    model = tiny.model("llama", seed=5)
+    model.config.conv_template = "llava_v1"
+    return tiny.save_full(model, name="eval-ckpt")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt) -> LlavaEngine:
+    return LlavaEngine.from_pretrained(ckpt, device="cpu")
+
+
+def expected(engine, question: str, images: list, conv_mode: str | None = None) -> str:
+    """What the engine answers for `question` put in the template with one marker per image (greedy, 5 tokens)."""
+    prompt = engine.build_prompt(question, len(images), conv_mode)
+    return engine.generate([prompt], [images], GenerationParams(temperature=0, max_new_tokens=5), conv_mode)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixtures in each benchmark's format
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def vqa_questions(tmp_path, n: int = 5) -> tuple[str, str, list[dict]]:
+    folder = tmp_path / "images"
+    names = [f"img{i}.png" for i in range(3)] + ["sub/img3.png"]
+    write_images(folder, names)
+    questions = []
+    for i in range(n):
+        q = {"question_id": 100 + i, "text": f"What colour is shape {i}?", "category": "conv"}
+        if i % 5 == 3:
+            q["text"] = "Compare <image> with <image>: which is larger?"
+            q["image"] = [names[0], names[3]]
+        elif i % 5 != 4:  # every fifth question is text-only
+            q["image"] = names[i % 4]
+        questions.append(q)
+    return write_jsonl(tmp_path / "questions.jsonl", questions), str(folder), questions
+
+
+def sqa_files(tmp_path) -> tuple[str, str]:
+    """ScienceQA in its own format (problems.json, pid_splits.json, images), converted by our converter."""
+    base = tmp_path / "scienceqa"
+    problems = {
+        "1": {
+            "question": "Which is a mammal?",
+            "choices": ["frog", "whale"],
+            "answer": 1,
+            "hint": "",
+            "image": None,
+            "lecture": "Mammals have hair.",
+            "solution": "A whale is a mammal.",
+            "caption": "",
+        },
+        "2": {
+            "question": "What colour is the shape?",
+            "choices": ["red", "blue", "green"],
+            "answer": 0,
+            "hint": "Look at the image.",
+            "image": "image.png",
+            "lecture": "",
+            "solution": "",
+            "caption": "c",
+        },
+        "3": {
+            "question": "Which is hot?",
+            "choices": ["ice", "fire"],
+            "answer": 1,
+            "hint": "",
+            "image": "image.png",
+            "lecture": "L.",
+            "solution": "S.",
+            "caption": "",
+        },
+    }
+    write_images(base / "images" / "test", ["2/image.png", "3/image.png"])
+    (base / "problems.json").write_text(json.dumps(problems))
+    (base / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3"], "train": []}))
+    converter = load_script("convert_sqa_to_llava")
+    question_file = converter.main(
+        ["convert_to_llava", "--base-dir", str(base), "--split", "test", "--prompt-format", "CQM-A"]
+    )
+    return question_file, str(base / "images" / "test")
+
+
+def mmbench_tsv(tmp_path, name: str = "mmbench.tsv") -> tuple[str, list[dict]]:
+    image0, image1 = png_base64(make_image(1)), png_base64(make_image(2, (50, 30)))
+    rows = [
+        {
+            "index": 10,
+            "question": "Which shape is shown?",
+            "hint": "A picture of shapes.",
+            "A": "circle",
+            "B": "square",
+            "C": "star",
+            "D": "line",
+            "answer": "B",
+            "category": "shape",
+            "image": image0,
+        },
+        {
+            "index": 11,
+            "question": "What colour?",
+            "hint": "nan",
+            "A": "red",
+            "B": "blue",
+            "C": "green",
+            "D": "",
+            "answer": "C",
+            "category": "colour",
+            "image": image1,
+        },
+        {
+            "index": 12,
+            "question": "Is it round?",
+            "hint": "",
+            "A": "yes",
+            "B": "no",
+            "C": "",
+            "D": "",
+            "answer": "A",
+            "category": "shape",
+            "image": "10",
+        },  # the image of row 10, as newer TSVs store it
+    ]
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
+    path = tmp_path / name
+    path.write_text(
+        "\t".join(columns) + "\n" + "".join("\t".join(str(r[c]) for c in columns) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    return str(path), rows
+
+
+def script_case(name: str, tmp_path) -> tuple[object, list[str], Callable]:
+    """(module, CLI arguments without --answers-file, key of a record) for one generation script."""
+    if name in ("model_vqa", "model_vqa_loader"):
+        qfile, folder, _ = vqa_questions(tmp_path, n=7)
+        args = ["--question-file", qfile, "--image-folder", folder]
+        if name == "model_vqa_loader":
+            args += ["--batch-size", "2", "--num-workers", "0"]
+        return {"model_vqa": model_vqa, "model_vqa_loader": model_vqa_loader}[name], args, lambda r: r["question_id"]
+    if name == "model_vqa_science":
+        qfile, folder = sqa_files(tmp_path)
+        return (
+            model_vqa_science,
+            ["--question-file", qfile, "--image-folder", folder, "--single-pred-prompt"],
+            (lambda r: r["question_id"]),
+        )
+    qfile, _ = mmbench_tsv(tmp_path)
+    return (
+        model_vqa_mmbench,
+        ["--question-file", qfile, "--all-rounds", "--single-pred-prompt"],
+        (lambda r: (r["question_id"], r["round_id"])),
+    )
+
+
+def run(module, engine, ckpt, args: list[str]):
+    parsed = module.build_parser().parse_args(["--model-path", ckpt, *GREEDY, *args])
+    return module.eval_model(parsed, engine=engine)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_get_chunk_covers_items_in_order():
+    items = list(range(7))
+    assert [x for k in range(3) for x in get_chunk(items, 3, k)] == items
+    assert [len(get_chunk(items, 3, k)) for k in range(3)] == [3, 3, 1]
+    assert get_chunk([1, 2], 4, 3) == [] and get_chunk([], 2, 1) == []
+    with pytest.raises(ValueError, match="chunk-idx"):
+        get_chunk(items, 2, 2)
+
+
+def test_model_vqa_answers_every_question(engine, ckpt, tmp_path):
+    qfile, folder, questions = vqa_questions(tmp_path)
+    path = run(
+        model_vqa,
+        engine,
+        ckpt,
+        ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(tmp_path / "out" / "answers.jsonl")],
+    )
+    answers = read_jsonl(path)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    for q, a in zip(questions, answers):
+        assert set(a) == ANSWER_KEYS
+        assert a["prompt"] == q["text"] and a["model_id"] == os.path.basename(ckpt)
+        assert a["metadata"]["conv_mode"] == "llava_v1" and a["metadata"]["temperature"] == 0
+        names = q.get("image") or []
+        images = [_load(folder, n) for n in ([names] if isinstance(names, str) else names)]
+        assert a["text"] == expected(engine, q["text"], images)
+    assert len({a["answer_id"] for a in answers}) == len(answers)
+    # The text-only question and the two-image one got different answers from the one-image ones.
+    assert len({a["text"] for a in answers}) > 1
+
+
+def _load(folder, name):
+    from PIL import Image
+
+    with Image.open(os.path.join(folder, name)) as im:
+        return im.convert("RGB")
+
+
+@pytest.mark.parametrize("name", ["model_vqa", "model_vqa_loader", "model_vqa_science", "model_vqa_mmbench"])
+def test_chunked_runs_merge_to_the_unchunked_run(name, engine, ckpt, tmp_path):
+    module, args, key = script_case(name, tmp_path)
+    whole = read_jsonl(run(module, engine, ckpt, [*args, "--answers-file", str(tmp_path / "all.jsonl")]))
+    merged = []
+    for idx in range(3):
+        out = str(tmp_path / f"3_{idx}.jsonl")
+        merged += read_jsonl(
+            run(module, engine, ckpt, [*args, "--answers-file", out, "--num-chunks", "3", "--chunk-idx", str(idx)])
+        )
+    assert len(whole) >= 3 and len({key(r) for r in whole}) == len(whole)
+    assert all(ANSWER_KEYS <= set(r) for r in whole)
+    strip = [{k: v for k, v in r.items() if k != "answer_id"} for r in whole]
+    assert [{k: v for k, v in r.items() if k != "answer_id"} for r in merged] == strip
+
+
+def test_batched_loader_equals_batch_size_one(engine, ckpt, tmp_path):
+    qfile, folder, questions = vqa_questions(tmp_path, n=6)
+    common = ["--question-file", qfile, "--image-folder", folder]
+    one = run(
+        model_vqa_loader,
+        engine,
+        ckpt,
+        [*common, "--answers-file", str(tmp_path / "b1.jsonl"), "--batch-size", "1", "--num-workers", "0"],
+    )
+    # Three per batch, images loaded by a DataLoader worker process.
+    three = run(
+        model_vqa_loader,
+        engine,
+        ckpt,
+        [*common, "--answers-file", str(tmp_path / "b3.jsonl"), "--batch-size", "3", "--num-workers", "1"],
+    )
+    texts_one = [(a["question_id"], a["text"]) for a in read_jsonl(one)]
+    assert texts_one == [(a["question_id"], a["text"]) for a in read_jsonl(three)]
+    assert [q for q, _ in texts_one] == [q["question_id"] for q in questions]
+
+
+def test_resume_skips_answered_questions(engine, ckpt, tmp_path):
+    qfile, folder, questions = vqa_questions(tmp_path)
+    out = tmp_path / "answers.jsonl"
+    args = ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(out)]
+    first = read_jsonl(run(model_vqa, engine, ckpt, args))
+    # Keep two answers and half of a third, as a run killed while writing leaves the file.
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:20])
+    resumed = read_jsonl(run(model_vqa, engine, ckpt, args))
+    assert [a["question_id"] for a in resumed] == [q["question_id"] for q in questions]
+    assert [a["answer_id"] for a in resumed[:2]] == [a["answer_id"] for a in first[:2]]
+    assert [a["text"] for a in resumed] == [a["text"] for a in first]
+    again = read_jsonl(run(model_vqa, engine, ckpt, args))
+    assert again == resumed  # nothing left to answer
+    fresh = read_jsonl(run(model_vqa, engine, ckpt, [*args, "--overwrite"]))
+    assert len(fresh) == len(first) and not {a["answer_id"] for a in fresh} & {a["answer_id"] for a in first}
+    out.write_text("not json\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="line 1 is not an answer record"):
+        run(model_vqa, engine, ckpt, args)
+
+
+def test_conv_mode_flag_overrides_the_checkpoint_template(engine, ckpt, tmp_path):
+    qfile, folder, questions = vqa_questions(tmp_path, n=3)
+    args = ["--question-file", qfile, "--image-folder", folder, "--conv-mode", "llava_v0"]
+    answers = read_jsonl(run(model_vqa, engine, ckpt, [*args, "--answers-file", str(tmp_path / "v0.jsonl")]))
+    assert {a["metadata"]["conv_mode"] for a in answers} == {"llava_v0"}
+    q = questions[0]
+    assert answers[0]["text"] == expected(engine, q["text"], [_load(folder, q["image"])], "llava_v0")
+    with pytest.raises(ValueError, match="Unknown `--conv-mode` `nope`"):
+        run(
+            model_vqa,
+            engine,
+            ckpt,
+            ["--question-file", qfile, "--conv-mode", "nope", "--answers-file", str(tmp_path / "x.jsonl")],
+        )
+
+
+def test_model_vqa_science_prompts(engine, ckpt, tmp_path):
+    qfile, folder = sqa_files(tmp_path)
+    questions = json.load(open(qfile))
+    answers = read_jsonl(
+        run(
+            model_vqa_science,
+            engine,
+            ckpt,
+            [
+                "--question-file",
+                qfile,
+                "--image-folder",
+                folder,
+                "--single-pred-prompt",
+                "--answers-file",
+                str(tmp_path / "sqa.jsonl"),
+            ],
+        )
+    )
+    assert [a["question_id"] for a in answers] == ["1", "2", "3"]
+    for q, a in zip(questions, answers):
+        question = q["conversations"][0]["value"].replace("<image>", "").strip()
+        assert a["prompt"] == ("<image>\n" if "image" in q else "") + question + "\n" + SQA_INSTRUCTION
+        images = [_load(folder, q["image"])] if "image" in q else []
+        assert a["text"] == expected(engine, question + "\n" + SQA_INSTRUCTION, images)
+    assert answers[0]["prompt"].startswith("Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) frog (B) whale")
+
+
+def test_model_vqa_mmbench_rounds_and_chinese_prompt(engine, ckpt, tmp_path):
+    qfile, rows = mmbench_tsv(tmp_path)
+    out = str(tmp_path / "mmbench.jsonl")
+    answers = read_jsonl(
+        run(
+            model_vqa_mmbench,
+            engine,
+            ckpt,
+            ["--question-file", qfile, "--answers-file", out, "--all-rounds", "--single-pred-prompt", "--lang", "cn"],
+        )
+    )
+    assert [(a["question_id"], a["round_id"]) for a in answers] == [(10, r) for r in range(4)] + [
+        (11, r) for r in range(3)
+    ] + [(12, r) for r in range(2)]
+    second = answers[1]  # row 10, round 1: options rotated by one, letters stay A..D
+    assert second["options"] == ["square", "star", "line", "circle"]
+    assert second["option_char"] == ["B", "C", "D", "A"]
+    assert second["prompt"] == "A picture of shapes.\nWhich shape is shown?\nA. square\nB. star\nC. line\nD. circle"
+    assert answers[4]["prompt"] == "What colour?\nA. red\nB. blue\nC. green"  # "nan" hint dropped, 3 options
+    image10 = make_image(1)
+    assert second["text"] == expected(engine, second["prompt"] + "\n" + CN_INSTRUCTION, [image10])
+    assert answers[7]["text"] == expected(engine, answers[7]["prompt"] + "\n" + CN_INSTRUCTION, [image10])
+
+
+def test_run_llava_several_images_with_placeholders(engine, ckpt, tmp_path, capsys):
+    paths = write_images(tmp_path, ["a.png", "b.png"])
+    query = "Is <image-placeholder> brighter than <image-placeholder>?"
+    parsed = run_llava.build_parser().parse_args(
+        ["--model-path", ckpt, "--image-file", ",".join(paths), "--query", query, *GREEDY]
+    )
+    out = run_llava.eval_model(parsed, engine=engine)
+    images = [_load(tmp_path, "a.png"), _load(tmp_path, "b.png")]
+    assert out == expected(engine, "Is <image> brighter than <image>?", images)
+    assert capsys.readouterr().out.strip() == out.strip()
+    # README style: a bare object with only some attributes.
+    args = type(
+        "Args",
+        (),
+        {
+            "model_path": ckpt,
+            "model_base": None,
+            "query": "Describe it.",
+            "conv_mode": None,
+            "image_file": paths[0],
+            "sep": ",",
+            "temperature": 0,
+            "top_p": None,
+            "num_beams": 1,
+            "max_new_tokens": 5,
+        },
+    )()
+    assert run_llava.eval_model(args, engine=engine) == expected(engine, "Describe it.", images[:1])
+    args.query = "Compare <image-placeholder> and <image-placeholder>."
+    with pytest.raises(ValueError, match=r"2 `<image>` marker\(s\) but 1 image"):
+        run_llava.eval_model(args, engine=engine)
+
+
+@pytest.mark.slow
+def test_cli_module_and_file_path(engine, ckpt, tmp_path):
+    """`python -m llava.eval.model_vqa` and `python llava/eval/run_llava.py` as users type them."""
+    qfile, folder, questions = vqa_questions(tmp_path, n=3)
+    out = tmp_path / "cli.jsonl"
+    env = subprocess_env()
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava.eval.model_vqa",
+        "--model-path",
+        ckpt,
+        "--question-file",
+        qfile,
+        "--image-folder",
+        folder,
+        "--answers-file",
+        str(out),
+        *GREEDY,
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    in_process = read_jsonl(
+        run(
+            model_vqa,
+            engine,
+            ckpt,
+            ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(tmp_path / "ip.jsonl")],
+        )
+    )
+    assert [(a["question_id"], a["text"]) for a in read_jsonl(out)] == [
+        (a["question_id"], a["text"]) for a in in_process
+    ]
+    image = write_images(tmp_path, ["x.png"])[0]
+    cmd = [
+        sys.executable,
+        "llava/eval/run_llava.py",
+        "--model-path",
+        ckpt,
+        "--image-file",
+        image,
+        "--query",
+        "What is it?",
+        *GREEDY,
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == expected(engine, "What is it?", [_load(tmp_path, "x.png")]).strip()
+
+
+def test_missing_question_file_fails_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run(
+            model_vqa,
+            None,
+            "/nonexistent/model",
+            ["--question-file", str(tmp_path / "nope.jsonl"), "--answers-file", str(tmp_path / "a.jsonl")],
+        )
