@@ -275,7 +275,7 @@ class LlavaMetaForCausalLM:
             )
 
         features = self.image_features(images, image_sizes) if n_images else []
-        embed = self.get_model().embed_tokens
+        embed = self.get_input_embeddings()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
@@ -379,7 +379,7 @@ class LlavaMetaForCausalLM:
             inputs, None, attention_mask, None, None, images, image_sizes, padding_side="left"
         )
         if inputs_embeds is None:
-            inputs_embeds = self.get_model().embed_tokens(inputs)
+            inputs_embeds = self.get_input_embeddings()(inputs)
             if attention_mask is None:
                 attention_mask = torch.ones(inputs.shape, dtype=torch.long, device=inputs.device)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), **kwargs)
