@@ -8,7 +8,9 @@ all call it; it knows nothing of HTTP.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from llava.conversation import get_conv_template
 from llava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class RequestError(ValueError):
@@ -293,6 +297,21 @@ class LlavaEngine:
         if errors:
             raise errors[0]
 
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of SentencePiece byte-fallback tokens (`<0x0A>` ...), whose runs decode as one group."""
+        return frozenset(i for token, i in self.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids that decoding with `skip_special_tokens=True` drops."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return frozenset(self.tokenizer.all_special_ids) | {i for i, tok in added.items() if tok.special}
+
+    def decoder(self, params: GenerationParams, conv_mode: str | None = None) -> BatchDecoder:
+        """A step-wise batched decoder for requests sharing `params.batch_key()` (see `BatchDecoder`)."""
+        return BatchDecoder(self, params, conv_mode)
+
 
 class _TokenStreamer:
     """A `generate` streamer that hands each step's new token ids to the consuming thread."""
@@ -326,3 +345,290 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
         if pos != -1:
             cut = min(cut, pos)
     return text[:cut]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step-wise batched decoding (continuous batching): the serving worker's generation loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepUpdate:
+    """One row's progress after a `BatchDecoder.step`.
+
+    While a row runs, `text` is the part of its reply that later tokens cannot change (see `stable_prefix`), so it
+    only ever grows; `changed` says whether it grew in this step. A finished row's `text` is its whole reply with stop
+    strings cut (unstripped: `generate` returns it `.strip()`ped), its `finish_reason` is "stop" (EOS or a stop
+    string) or "length" (its token budget), and it is gone from the decoder.
+    """
+
+    key: object
+    text: str
+    changed: bool
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Row:
+    key: object
+    max_new_tokens: int
+    stops: list[str]
+    prompt_tokens: int
+    position: int  # position id of the next token fed to the model
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+
+
+class BatchDecoder:
+    """Decode many requests one token at a time over one shared KV cache; requests join and leave between steps.
+
+    Rows are left-padded: each keeps its own attention mask and position ids, so under greedy decoding a row gets the
+    tokens `LlavaEngine.generate` gives it alone. Joining requests are prefilled together (their images encoded
+    once, there) and their cache is spliced into the running one, padded on the left to a common length; finished
+    rows are dropped from the cache at once. All rows share the sampling settings (`GenerationParams.batch_key()`);
+    each row has its own token budget and stop strings. Beam search is not supported (use `generate`).
+
+        decoder = engine.decoder(GenerationParams(temperature=0))
+        decoder.add([(key, engine.encode(prompt, images, 1), params)])
+        while decoder:
+            for update in decoder.step(): ...
+    """
+
+    def __init__(self, engine: LlavaEngine, params: GenerationParams, conv_mode: str | None = None):
+        if params.num_beams != 1:
+            raise RequestError(f"Step-wise decoding does not do beam search (`num_beams`={params.num_beams}).")
+        self.engine = engine
+        self.params = params
+        self.conv_mode = conv_mode
+        self.rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (B, L) long, 1 where the cache holds a real token
+        self._logits: torch.Tensor | None = None  # (B, V) float32: the next-token logits of every row
+        eos = engine.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._warpers = self._build_warpers(engine.model.generation_config, params)
+        self._held_ids = engine.byte_token_ids | engine.special_token_ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can join a running batch: dynamic caches, and sliding-window ones the context cannot outgrow."""
+        return self._cache is None or _splicable(self._cache, self.engine.context_len)
+
+    @staticmethod
+    def _build_warpers(generation_config, params: GenerationParams):
+        if params.greedy:
+            return None
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        # The same warpers, in the same order, as `generate` builds for these settings.
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+        top_k = getattr(generation_config, "top_k", None)
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        return warpers
+
+    # -- joining -----------------------------------------------------------------------------------------------
+    def add(self, items: Sequence[tuple[object, EncodedRequest, GenerationParams]]) -> None:
+        """Prefill `(key, request, params)` items and add them to the batch. On error the batch is unchanged."""
+        if not items:
+            return
+        for key, _, params in items:
+            if params.batch_key() != self.params.batch_key():
+                raise RequestError(
+                    f"Request `{key}` has sampling settings {params.batch_key()} but this batch decodes with "
+                    f"{self.params.batch_key()}; batch only requests with equal `GenerationParams.batch_key()`."
+                )
+        if self.rows and not self.can_join:
+            raise RuntimeError("This model's KV cache cannot take new rows mid-batch; wait until the batch drains.")
+        from transformers import DynamicCache
+
+        engine, model = self.engine, self.engine.model
+        requests = [request for _, request, _ in items]
+        ids, mask, pixel, sizes = engine._batch_tensors(requests)
+        with torch.inference_mode():
+            embeds = None
+            if hasattr(model, "prepare_inputs_labels_for_multimodal"):  # text-only decoders have no images to splice
+                _, _, mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+                    ids, None, mask, None, None, pixel, sizes, padding_side="left"
+                )
+            if embeds is None:  # no images anywhere in these prompts
+                embeds = model.get_input_embeddings()(ids)
+                mask = torch.ones_like(ids) if mask is None else mask
+            mask = mask.long()
+            # As `generate`: positions count real tokens only; padding sits at position 0.
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            out = model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+            del out
+        rows = []
+        for (key, request, params), n_real in zip(items, mask.sum(-1).tolist()):
+            budget = max(1, min(params.max_new_tokens, engine.context_len - request.n_tokens))
+            stops = engine.stop_strings(params, self.conv_mode)
+            rows.append(_Row(key, budget, stops, request.n_tokens, position=int(n_real)))
+        if not self.rows:
+            self._cache, self._mask, self._logits = cache, mask, logits
+        else:
+            self._cache, self._mask = _splice_caches(self._cache, self._mask, cache, mask)
+            self._logits = torch.cat([self._logits, logits.to(self._logits.device)], dim=0)
+        self.rows += rows
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+    def step(self) -> list[StepUpdate]:
+        """Pick the next token of every row, report each row, drop finished rows, run the model one step."""
+        if not self.rows:
+            return []
+        scores = self._logits
+        if self._warpers is None:
+            next_tokens = torch.argmax(scores, dim=-1)
+        else:
+            scores = self._warpers(None, scores)
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        updates, keep = [], []
+        for i, (row, token) in enumerate(zip(self.rows, next_tokens.tolist())):
+            row.tokens.append(token)
+            decoded = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            text = cut_at_stop(decoded, row.stops)
+            reason = None
+            if token in self._eos or len(text) < len(decoded):
+                reason = "stop"
+            elif len(row.tokens) >= row.max_new_tokens:
+                reason = "length"
+            changed = False
+            if reason is not None:
+                changed, row.sent = text != row.sent, text
+            else:
+                # A trailing run of byte-fallback tokens decodes as one group that a later byte can rewrite entirely
+                # (valid UTF-8 or one U+FFFD per byte), so it is not shown until a normal token closes it. Skipped
+                # special tokens do not close a run.
+                n = len(row.tokens)
+                while n and row.tokens[n - 1] in self._held_ids:
+                    n -= 1
+                if n < len(row.tokens):
+                    decoded = self.engine.tokenizer.decode(row.tokens[:n], skip_special_tokens=True)
+                stable = stable_prefix(decoded, row.stops)
+                if len(stable) > len(row.sent) and stable.startswith(row.sent):
+                    changed, row.sent = True, stable
+            updates.append(
+                StepUpdate(row.key, row.sent, changed, reason is not None, reason, row.prompt_tokens, len(row.tokens))
+            )
+            if reason is None:
+                keep.append(i)
+        self._select(keep)
+        if self.rows:
+            self._forward(next_tokens[keep])
+        return updates
+
+    def remove(self, keys: Sequence[object]) -> None:
+        """Drop rows (e.g. a client went away)."""
+        drop = set(keys)
+        self._select([i for i, row in enumerate(self.rows) if row.key not in drop])
+
+    def _select(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._logits = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)  # on the CPU: it indexes tensors on any device
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._logits = self._logits[index]
+        if self.can_join:
+            # Columns that are padding in every remaining row are dead weight: cut them off the cache.
+            first = int(self._mask.any(dim=0).long().argmax())
+            if first > 0:
+                for layer in self._cache.layers:
+                    _set_cache_tensors(layer, layer.keys[..., first:, :], layer.values[..., first:, :])
+                self._mask = self._mask[:, first:]
+
+    def _forward(self, tokens: torch.Tensor) -> None:
+        device = self._mask.device
+        ids = tokens.to(device)[:, None]  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=-1)
+        positions = torch.tensor([[row.position] for row in self.rows], dtype=torch.long, device=device)
+        for row in self.rows:
+            row.position += 1
+        with torch.inference_mode():
+            out = self.engine.model(
+                input_ids=ids,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+            self._logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def stable_prefix(text: str, stops: Sequence[str] = ()) -> str:
+    """The part of a partial reply that later tokens cannot change: `text` without trailing half-decoded characters
+    or whitespace (decoders may merge it with what follows) and without a trailing start of a stop string (which the
+    next token may complete and cut)."""
+    while True:
+        end = len(text)
+        while end and (text[end - 1] == "\ufffd" or text[end - 1].isspace()):
+            end -= 1
+        hold = 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        if end - hold == len(text):
+            return text
+        text = text[: end - hold]
+
+
+def _splicable(cache, context_len: int) -> bool:
+    """Whether rows can be spliced into / trimmed out of `cache` by editing its tensors.
+
+    Plain dynamic layers always; sliding-window layers only when no sequence can outgrow the window (then they keep
+    the whole history too). The cache's width never exceeds the longest row: after every change its first column
+    holds some row's first token.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in getattr(cache, "layers", [None]):
+        if type(layer) is DynamicLayer:
+            continue
+        if type(layer) is DynamicSlidingWindowLayer and not layer.record_past and context_len < layer.sliding_window:
+            continue
+        return False
+    return True
+
+
+def _set_cache_tensors(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):  # sliding-window layers count the tokens they have seen
+        layer.cumulative_length = keys.shape[-2]
+
+
+def _splice_caches(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor):
+    """Stack two batches' caches (rows of `a` first), left-padding the shorter one with masked-out zeros."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = length - t.shape[dim]
+        if missing == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):
+        keys = torch.cat([pad(layer_a.keys, 2), pad(layer_b.keys, 2).to(layer_a.keys.device)], dim=0)
+        values = torch.cat([pad(layer_a.values, 2), pad(layer_b.values, 2).to(layer_a.values.device)], dim=0)
+        _set_cache_tensors(layer_a, keys, values)
+    mask = torch.cat([pad(mask_a, 1), pad(mask_b, 1).to(mask_a.device)], dim=0)
+    return cache_a, mask

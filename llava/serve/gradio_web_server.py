@@ -1,0 +1,393 @@
+"""The Gradio web UI: chat with any model the controller serves, with an image, streamed answers, votes and logs.
+
+    python -m llava.serve.gradio_web_server --controller http://localhost:10000 --model-list-mode reload
+
+Every model registered with the controller appears in the model list (`once`: read at start; `reload`: read on each
+page load), so several models and several workers per model are served side by side from one page. Each finished
+answer, vote and flag is appended as one JSON line to `<log-dir>/<date>-conv.json`; uploaded images are saved once,
+by content hash, under `<log-dir>/serve_images/<date>/`. When a request fails, the chat shows why (no worker for the
+model, worker not responding, out of memory, image rejected, prompt too long) rather than a generic message.
+"""
+
+import argparse
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+import requests
+
+from llava.constants import LOGDIR
+from llava.conversation import IMAGE_PROCESS_MODES, Conversation, get_conv_template
+from llava.serve.protocol import ErrorCode, iter_chunks
+from llava.serve.server_utils import DEFAULT_HOST, require, setup_logging
+
+require("gradio", extra="serve")
+
+import gradio as gr  # noqa: E402
+
+logger = logging.getLogger("llava.serve.gradio_web_server")
+
+DEFAULT_TEMPLATE = "llava_v1"  # shown until the first answer; replaced by the model's own template then
+MAX_INPUT_CHARS = 1536
+CURSOR = "▌"
+NO_MODEL = "No model is available: start a model worker and reload the page."
+
+TITLE_MD = """
+# LLaVA: Large Language and Vision Assistant
+Pick a model, upload an image (optional), ask a question. Answers are streamed; rate them with the buttons below.
+"""
+
+TOS_MD = """
+### Terms of use
+This is a research preview. The service may produce offensive or wrong content. Conversations (text and images)
+are logged to improve the service.
+"""
+
+
+class WebServer:
+    """State shared by all browser sessions: where the controller is, where logs go."""
+
+    def __init__(
+        self,
+        controller_url: str,
+        log_dir: str,
+        model_list_mode: str = "once",
+        request_timeout: float = 120.0,
+        max_new_tokens_limit: int = 1536,
+    ):
+        if model_list_mode not in ("once", "reload"):
+            raise ValueError(f"Unknown --model-list-mode `{model_list_mode}`; use `once` or `reload`.")
+        self.controller_url = controller_url.rstrip("/")
+        self.log_dir = log_dir
+        self.model_list_mode = model_list_mode
+        self.request_timeout = request_timeout
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self._log_lock = threading.Lock()
+        self.models = self.get_model_list() if model_list_mode == "once" else []
+
+    # -- controller --------------------------------------------------------------------------------------------
+    def get_model_list(self) -> list[str]:
+        try:
+            requests.post(self.controller_url + "/refresh_all_workers", timeout=10)
+            response = requests.post(self.controller_url + "/list_models", timeout=10)
+            response.raise_for_status()
+            return response.json().get("models", [])
+        except (requests.RequestException, ValueError) as err:
+            logger.warning("Cannot list models from the controller at %s: %s", self.controller_url, err)
+            return []
+
+    def worker_for(self, model: str) -> str:
+        """The address of a worker for `model`; raises `UserFacingError` with the reason when there is none."""
+        try:
+            response = requests.post(self.controller_url + "/get_worker_address", json={"model": model}, timeout=10)
+            response.raise_for_status()
+            data = response.json()
+        except (requests.RequestException, ValueError) as err:
+            raise UserFacingError(
+                f"The controller at {self.controller_url} is not responding ({type(err).__name__}). "
+                "Ask the administrator to check it."
+            ) from err
+        if not data.get("address"):
+            raise UserFacingError(data.get("error") or f"No worker is serving model `{model}` right now.")
+        return data["address"]
+
+    def model_template(self, address: str) -> str:
+        try:
+            response = requests.post(address + "/model_details", json={}, timeout=10)
+            response.raise_for_status()
+            return response.json().get("conv_mode") or DEFAULT_TEMPLATE
+        except (requests.RequestException, ValueError) as err:
+            raise UserFacingError(
+                f"The model worker at {address} is not responding ({type(err).__name__}); it may have stopped. "
+                "Try again in a few seconds or pick another model."
+            ) from err
+
+    # -- logs --------------------------------------------------------------------------------------------------
+    def _today(self) -> str:
+        return datetime.date.today().isoformat()
+
+    def conv_log_file(self) -> str:
+        return os.path.join(self.log_dir, f"{self._today()}-conv.json")
+
+    def save_images(self, conv: Conversation) -> list[str]:
+        """Save the conversation's images (PNG, named by content hash) and return their paths."""
+        folder = os.path.join(self.log_dir, "serve_images", self._today())
+        paths = []
+        for b64 in conv.get_images(return_pil=False):
+            data = base64.b64decode(b64)
+            path = os.path.join(folder, hashlib.md5(data).hexdigest() + ".png")
+            if not os.path.isfile(path):
+                os.makedirs(folder, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+            paths.append(path)
+        return paths
+
+    def log(self, record: dict) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        with self._log_lock, open(self.conv_log_file(), "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+class UserFacingError(Exception):
+    """A failure whose message is shown in the chat."""
+
+
+def new_conversation() -> Conversation:
+    return get_conv_template(DEFAULT_TEMPLATE)
+
+
+def _ip(request: gr.Request | None) -> str | None:
+    return getattr(getattr(request, "client", None), "host", None)
+
+
+def _buttons(interactive: bool):
+    return (gr.update(interactive=interactive),) * 5  # upvote, downvote, flag, regenerate, clear
+
+
+def _last_reply(conv: Conversation):
+    return conv.messages[-1][1] if conv.messages else None
+
+
+def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
+    def load_demo(request: gr.Request):
+        models = server.get_model_list() if server.model_list_mode == "reload" else server.models
+        value = models[0] if models else None
+        return new_conversation(), gr.update(choices=models, value=value, visible=True)
+
+    def vote(kind: str):
+        def handler(state: Conversation, model: str, request: gr.Request):
+            server.log(
+                {
+                    "tstamp": round(time.time(), 4),
+                    "type": kind,
+                    "model": model,
+                    "state": state.dict(),
+                    "ip": _ip(request),
+                }
+            )
+            return ("",) + (gr.update(interactive=False),) * 3
+
+        return handler
+
+    def regenerate(state: Conversation, image_process_mode: str):
+        if len(state.messages) < state.offset + 2:
+            state.skip_next = True
+            return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
+        state.messages[-1][1] = None
+        user = state.messages[-2][1]
+        if isinstance(user, tuple):  # apply the mode chosen now
+            state.messages[-2][1] = (user[0], user[1], image_process_mode)
+        state.skip_next = False
+        return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
+
+    def clear_history():
+        state = new_conversation()
+        return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
+
+    def add_text(state: Conversation, text: str, image, image_process_mode: str):
+        text = (text or "").strip()
+        if not text and image is None:
+            state.skip_next = True
+            return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
+        text = text[:MAX_INPUT_CHARS]
+        if image is not None:
+            if state.get_images(return_pil=True):  # one image per conversation: a new image starts a new one
+                state = new_conversation()
+            message = (text, image, image_process_mode)
+        else:
+            message = text
+        state.append_message(state.roles[0], message)
+        state.append_message(state.roles[1], None)
+        state.skip_next = False
+        return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
+
+    def http_bot(state: Conversation, model: str, temperature, top_p, max_new_tokens, request: gr.Request):
+        start = time.time()
+        if state.skip_next:  # nothing was sent (empty input)
+            yield (state, state.to_gradio_chatbot()) + _buttons(len(state.messages) > state.offset)
+            return
+        error = None
+        try:
+            if not model:
+                raise UserFacingError(NO_MODEL)
+            address = server.worker_for(model)
+            if len(state.messages) == state.offset + 2:  # first turn: switch to the model's own template
+                fresh = get_conv_template(server.model_template(address))
+                for i, (_, message) in enumerate(state.messages[state.offset :]):
+                    fresh.append_message(fresh.roles[i % 2], message)
+                state = fresh
+            payload = {
+                "model": model,
+                "prompt": state.get_prompt(),
+                "images": state.get_images(return_pil=False),
+                "temperature": float(temperature),
+                "top_p": float(top_p),
+                "max_new_tokens": min(int(max_new_tokens), server.max_new_tokens_limit),
+            }
+            state.messages[-1][1] = CURSOR
+            yield (state, state.to_gradio_chatbot()) + _buttons(False)
+            for output in stream_reply(server, address, model, payload):
+                state.messages[-1][1] = output + CURSOR
+                yield (state, state.to_gradio_chatbot()) + _buttons(False)
+            state.messages[-1][1] = (_last_reply(state) or CURSOR)[: -len(CURSOR)]
+        except UserFacingError as err:
+            error = str(err)
+            state.messages[-1][1] = f"⚠️ {error}"
+        yield (state, state.to_gradio_chatbot()) + _buttons(True)
+        images = server.save_images(state)
+        record = {
+            "tstamp": round(time.time(), 4),
+            "type": "chat",
+            "model": model,
+            "start": round(start, 4),
+            "finish": round(time.time(), 4),
+            "state": state.dict(),
+            "images": images,
+            "ip": _ip(request),
+        }
+        if error:
+            record["error"] = error
+        server.log(record)
+
+    with gr.Blocks(title="LLaVA") as demo:
+        state = gr.State(new_conversation())
+        if not embed:
+            gr.Markdown(TITLE_MD)
+        with gr.Row():
+            with gr.Column(scale=3):
+                model_selector = gr.Dropdown(
+                    choices=server.models,
+                    value=server.models[0] if server.models else None,
+                    label="Model",
+                    interactive=True,
+                    elem_id="model_selector",
+                )
+                imagebox = gr.Image(type="pil", label="Image", elem_id="imagebox")
+                image_process_mode = gr.Radio(
+                    list(IMAGE_PROCESS_MODES),
+                    value="Default",
+                    label="Preprocess for non-square image",
+                    elem_id="image_process_mode",
+                )
+                with gr.Accordion("Parameters", open=False, elem_id="parameters"):
+                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature", elem_id="temperature")
+                    top_p = gr.Slider(0.1, 1.0, value=0.7, step=0.1, label="Top P", elem_id="top_p")
+                    max_output_tokens = gr.Slider(
+                        1,
+                        server.max_new_tokens_limit,
+                        value=512,
+                        step=1,
+                        label="Max output tokens",
+                        elem_id="max_output_tokens",
+                    )
+            with gr.Column(scale=8):
+                chatbot = gr.Chatbot(label="LLaVA Chatbot", height=550, elem_id="chatbot", feedback_options=None)
+                with gr.Row():
+                    textbox = gr.Textbox(
+                        show_label=False, placeholder="Enter text and press ENTER", scale=8, elem_id="textbox"
+                    )
+                    submit_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send_btn")
+                with gr.Row():
+                    upvote_btn = gr.Button("👍  Upvote", interactive=False, elem_id="upvote_btn")
+                    downvote_btn = gr.Button("👎  Downvote", interactive=False, elem_id="downvote_btn")
+                    flag_btn = gr.Button("⚠️  Flag", interactive=False, elem_id="flag_btn")
+                    regenerate_btn = gr.Button("🔄  Regenerate", interactive=False, elem_id="regenerate_btn")
+                    clear_btn = gr.Button("🗑️  Clear", interactive=False, elem_id="clear_btn")
+        if not embed:
+            gr.Markdown(TOS_MD)
+
+        buttons = [upvote_btn, downvote_btn, flag_btn, regenerate_btn, clear_btn]
+        bot_inputs = [state, model_selector, temperature, top_p, max_output_tokens]
+        bot_outputs = [state, chatbot] + buttons
+        edit_outputs = [state, chatbot, textbox, imagebox] + buttons
+        vote_outputs = [textbox, upvote_btn, downvote_btn, flag_btn]
+
+        upvote_btn.click(vote("upvote"), [state, model_selector], vote_outputs)
+        downvote_btn.click(vote("downvote"), [state, model_selector], vote_outputs)
+        flag_btn.click(vote("flag"), [state, model_selector], vote_outputs)
+        regenerate_btn.click(regenerate, [state, image_process_mode], edit_outputs).then(
+            http_bot, bot_inputs, bot_outputs
+        )
+        clear_btn.click(clear_history, None, edit_outputs)
+        for trigger in (textbox.submit, submit_btn.click):
+            trigger(add_text, [state, textbox, imagebox, image_process_mode], edit_outputs).then(
+                http_bot, bot_inputs, bot_outputs
+            )
+        demo.load(load_demo, None, [state, model_selector])
+    return demo
+
+
+def stream_reply(server: WebServer, address: str, model: str, payload: dict):
+    """Yield the growing reply from a worker; raise `UserFacingError` with the worker's reason on failure."""
+    prompt = payload["prompt"]
+    try:
+        response = requests.post(
+            address + "/worker_generate_stream", json=payload, stream=True, timeout=(10, server.request_timeout)
+        )
+    except requests.RequestException as err:
+        raise UserFacingError(
+            f"The model worker for `{model}` at {address} is not responding ({type(err).__name__}); it may have "
+            "stopped. Try again in a few seconds or pick another model."
+        ) from err
+    with response:
+        try:
+            for data in iter_chunks(response.iter_content(chunk_size=None)):
+                code = data.get("error_code", 0)
+                if code:
+                    raise UserFacingError(_explain(code, data.get("text", "")))
+                if response.status_code != 200:
+                    raise UserFacingError(f"The worker answered HTTP {response.status_code}: {data.get('text')}")
+                yield data["text"][len(prompt) :].strip()
+        except requests.RequestException as err:
+            raise UserFacingError(
+                f"The connection to the worker for `{model}` broke mid-answer ({type(err).__name__}); try again."
+            ) from err
+
+
+def _explain(code: int, message: str) -> str:
+    if code == ErrorCode.BAD_REQUEST:
+        return f"The request was rejected: {message}"
+    if code == ErrorCode.OVERLOADED:
+        return f"The server is out of memory or overloaded: {message}"
+    return message or f"The worker failed (error_code {code})."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=DEFAULT_HOST, help="Interface to listen on; 0.0.0.0 exposes the UI.")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--controller-url", "--controller", dest="controller_url", default="http://localhost:21001")
+    parser.add_argument("--concurrency-count", type=int, default=16, help="Answers streamed at once.")
+    parser.add_argument("--model-list-mode", choices=["once", "reload"], default="once")
+    parser.add_argument("--share", action="store_true", help="Create a public gradio.live link (needs internet).")
+    parser.add_argument("--embed", action="store_true", help="Hide the title and terms (for embedding).")
+    parser.add_argument("--log-dir", default=os.environ.get("LLAVA_LOG_DIR", LOGDIR))
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="Seconds to wait for a worker.")
+    parser.add_argument("--max-file-size", default="20mb", help="Largest upload the page accepts.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging("llava.serve.gradio_web_server")
+    server = WebServer(args.controller_url, args.log_dir, args.model_list_mode, args.request_timeout)
+    logger.info("Web UI for %s; models: %s; logs in %s", args.controller_url, server.models, args.log_dir)
+    demo = build_demo(server, embed=args.embed)
+    demo.queue(default_concurrency_limit=args.concurrency_count, api_open=False)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=args.max_file_size,
+        show_error=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""A model worker: loads one checkpoint, registers with the controller, batches and streams generation over HTTP.
+
+    python -m llava.serve.model_worker --host 0.0.0.0 --controller http://localhost:10000 --port 40000 \\
+        --worker http://localhost:40000 --model-path liuhaotian/llava-v1.5-7b [--model-base BASE] [--load-4bit]
+    CUDA_VISIBLE_DEVICES=0,1 python -m llava.serve.model_worker ...          # one model split over two GPUs
+    python -m llava.serve.model_worker --model-path <tiny ckpt> --device cpu   # a tiny CPU worker starts in seconds
+
+Endpoints: POST /worker_generate_stream (JSON + NUL chunks, see llava/serve/protocol.py), /worker_get_status,
+/model_details, /worker_get_conv_template; GET /health. Concurrent requests are decoded together (see batching.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+import time
+
+import requests
+
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    WORKER_HEART_BEAT_INTERVAL,
+)
+from llava.inference import EncodedRequest, GenerationParams, LlavaEngine, RequestError
+from llava.mm_utils import (
+    DEFAULT_DOWNLOAD_TIMEOUT,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageLoadError,
+    get_model_name_from_path,
+    load_image,
+)
+from llava.serve.batching import BatchScheduler, Job, QueueFull
+from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
+from llava.serve.server_utils import (
+    BadJSON,
+    BodyLimitMiddleware,
+    add_server_args,
+    local_url,
+    read_json_object,
+    require,
+    run_server,
+    setup_logging,
+)
+
+require("fastapi", "uvicorn")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+
+logger = logging.getLogger("llava.serve.model_worker")
+
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class ModelWorker:
+    """One loaded model behind a batch scheduler, plus its registration with the controller."""
+
+    def __init__(
+        self,
+        engine: LlavaEngine,
+        model_name: str,
+        worker_addr: str,
+        controller_addr: str | None,
+        *,
+        max_batch_size: int = 5,
+        max_queue: int = 256,
+        batch_wait_s: float = 0.005,
+        max_images: int = 8,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        image_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+        heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
+    ):
+        self.engine = engine
+        self.model_name = model_name
+        self.worker_addr = worker_addr.rstrip("/")
+        self.controller_addr = controller_addr.rstrip("/") if controller_addr else None
+        self.max_images = max_images
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.image_timeout = image_timeout
+        self.heart_beat_interval = heart_beat_interval
+        self.scheduler = BatchScheduler(
+            engine, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
+        )
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be re-configured from two threads at once
+        self._stop = threading.Event()
+        self.registered = threading.Event()
+        engine.encode(engine.build_prompt("warm-up"), [], 1)  # sets the tokenizer's state before threads share it
+
+    # -- status ------------------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"model_names": [self.model_name], "speed": 1, "queue_length": self.scheduler.queue_length}
+
+    def details(self) -> dict:
+        return {
+            "model_name": self.model_name,
+            "conv_mode": self.engine.conv_mode,
+            "context_length": self.engine.context_len,
+            "multimodal": self.engine.model.get_vision_tower() is not None
+            if hasattr(self.engine.model, "get_vision_tower")
+            else False,
+            "max_images": self.max_images,
+            "max_batch_size": self.scheduler.max_batch_size,
+        }
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def _model_prompt(self, prompt: str) -> str:
+        """The prompt with `<image>` wrapped in start/end tokens for models trained that way (as the original)."""
+        if not getattr(self.engine.config, "mm_use_im_start_end", False):
+            return prompt
+        wrapped = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        return prompt.replace(wrapped, DEFAULT_IMAGE_TOKEN).replace(DEFAULT_IMAGE_TOKEN, wrapped)
+
+    def prepare(self, body: dict) -> tuple[str, EncodedRequest, GenerationParams]:
+        """Validate a `/worker_generate_stream` body; every problem is a `ServeError` naming the field."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ServeError(f"`prompt` must be a non-empty string, got {_short(prompt)}.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ServeError(f"`prompt` is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ServeError(f"This worker serves `{self.model_name}`, not `{model}`; ask the controller for a worker.")
+        params = GenerationParams(
+            temperature=_number(body, "temperature", 0.2, float),
+            top_p=_number(body, "top_p", 1.0, float),
+            max_new_tokens=_number(body, "max_new_tokens", 256, int),
+            num_beams=_number(body, "num_beams", 1, int),
+            stop=_stop(body.get("stop")),
+        )
+        sources = body.get("images") or []
+        if isinstance(sources, str):
+            sources = [sources]
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise ServeError("`images` must be a list of base64 strings (or data: / http(s) URLs).")
+        if len(sources) > self.max_images:
+            raise ServeError(f"{len(sources)} images sent; this worker takes at most {self.max_images} (--max-images).")
+        images = []
+        for i, source in enumerate(sources):
+            try:
+                images.append(
+                    load_image(
+                        source,
+                        max_bytes=self.max_image_bytes,
+                        max_pixels=self.max_image_pixels,
+                        timeout=self.image_timeout,
+                        allow_paths=False,
+                    )
+                )
+            except ImageLoadError as err:
+                raise ServeError(f"Image {i + 1} of {len(sources)} was rejected: {err}") from err
+        with self._tokenizer_lock:
+            request = self.engine.encode(self._model_prompt(prompt), images, 1)
+        return prompt, request, params
+
+    # -- controller --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.scheduler.start()
+        if self.controller_addr:
+            threading.Thread(target=self._heart_beat_loop, name="llava-heart-beat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.stop()
+
+    def register(self) -> bool:
+        url = self.controller_addr + "/register_worker"
+        body = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.status()}
+        response = requests.post(url, json=body, timeout=5)
+        if response.status_code != 200:
+            raise ValueError(f"the controller refused registration ({response.status_code}: {response.text[:200]})")
+        logger.info("Registered %s (model `%s`) with %s", self.worker_addr, self.model_name, self.controller_addr)
+        return True
+
+    def _wait_until_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                if requests.get(self.worker_addr + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            self._stop.wait(0.2)
+
+    def _heart_beat_loop(self) -> None:
+        """Register (retrying until the controller is up, so start order does not matter), then send heartbeats;
+        re-register whenever the controller no longer knows this worker (e.g. it restarted)."""
+        self._wait_until_listening()
+        retry, warned = 0.5, 0.0
+        while not self._stop.is_set():
+            try:
+                if not self.registered.is_set():
+                    if self.register():
+                        self.registered.set()
+                        retry = 0.5
+                else:
+                    response = requests.post(
+                        self.controller_addr + "/receive_heart_beat",
+                        json={"worker_name": self.worker_addr, "queue_length": self.scheduler.queue_length},
+                        timeout=5,
+                    )
+                    if not response.json().get("exist", False):
+                        logger.info("The controller does not know this worker (restarted?); registering again.")
+                        self.registered.clear()
+                        continue
+            except (requests.RequestException, ValueError) as err:
+                if time.monotonic() - warned > 30:
+                    logger.warning(
+                        "Cannot register with the controller at %s: %s; retrying.", self.controller_addr, err
+                    )
+                    warned = time.monotonic()
+            if self.registered.is_set():
+                self._stop.wait(self.heart_beat_interval)
+            else:
+                self._stop.wait(retry)
+                retry = min(retry * 2, self.heart_beat_interval, 5.0)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return f"`{text[:60]}...`" if len(text) > 60 else f"`{text}`"
+
+
+def _number(body: dict, name: str, default, kind):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ServeError(f"`{name}` must be a number, got {_short(value)}.")
+    if kind is int:
+        if value != int(value):
+            raise ServeError(f"`{name}` must be a whole number, got {_short(value)}.")
+        return int(value)
+    return float(value)
+
+
+def _stop(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ServeError(f"`stop` must be a string or a list of strings, got {_short(value)}.")
+
+
+def build_app(worker: ModelWorker, max_request_bytes: int):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title=f"LLaVA model worker ({worker.model_name})", lifespan=lifespan)
+
+    def reject(err: ServeError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(request: Request):
+        try:
+            body = await read_json_object(request)
+            prompt, encoded, params = await run_in_threadpool(worker.prepare, body)
+        except BadJSON as err:
+            return reject(ServeError(str(err)))
+        except ServeError as err:
+            return reject(err)
+        except RequestError as err:  # image count, context length, parameter ranges
+            return reject(ServeError(str(err)))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(encoded, params, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            worker.scheduler.submit(job)
+        except QueueFull as err:
+            return reject(ServeError(str(err), ErrorCode.OVERLOADED))
+
+        async def stream():
+            finished = False
+            try:
+                while not finished:
+                    event = await events.get()
+                    finished = bool(event.get("finished"))
+                    if event["error_code"]:
+                        yield encode_chunk(event["text"], event["error_code"])
+                        continue
+                    extra = {k: event[k] for k in ("finish_reason", "usage") if k in event}
+                    yield encode_chunk(prompt + event["text"], 0, **extra)
+            finally:
+                if not finished:  # the client went away: free its row in the batch
+                    job.cancelled.set()
+
+        return StreamingResponse(stream(), media_type="application/octet-stream")
+
+    @app.post("/worker_get_status")
+    async def get_status():
+        return worker.status()
+
+    @app.post("/model_details")
+    async def model_details():
+        return worker.details()
+
+    @app.post("/worker_get_conv_template")
+    async def conv_template():
+        from llava.conversation import get_conv_template
+
+        return {"conv_mode": worker.engine.conv_mode, "conv": get_conv_template(worker.engine.conv_mode).dict()}
+
+    @app.get("/health")
+    async def health():
+        scheduler = worker.scheduler
+        return {
+            "status": "ok",
+            "model": worker.model_name,
+            "registered": worker.registered.is_set(),
+            "queue_length": scheduler.queue_length,
+            "batches": scheduler.batches,
+            "max_batch_rows": scheduler.max_rows_seen,
+        }
+
+    return BodyLimitMiddleware(app, max_request_bytes, lambda message: {"text": message, "error_code": 1})
+
+
+def _device_map(device: str, num_gpus: int | None):
+    if num_gpus == 1 and device in ("auto", "cuda"):
+        return {"": 0} if _cuda() else "auto"
+    return "auto"  # several GPUs: the layers are spread over every visible GPU (choose them with CUDA_VISIBLE_DEVICES)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_args(parser, port=21002)
+    parser.add_argument("--worker-address", "--worker", dest="worker_address", default=None)
+    parser.add_argument("--controller-address", "--controller", dest="controller_address", default=None)
+    parser.add_argument("--no-register", action="store_true", help="Do not register with a controller.")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--model-name", default=None, help="Name clients ask for (default: from --model-path).")
+    parser.add_argument("--conv-mode", default=None, help="Chat template override (default: the checkpoint's).")
+    parser.add_argument("--vision-tower", default=None, help="Override the config's `mm_vision_tower` (a local dir).")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--num-gpus", type=int, default=None, help="1: one GPU; more: spread over visible GPUs.")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--use-flash-attn", action="store_true")
+    parser.add_argument("--multi-modal", action="store_true", help="Accepted for compatibility; not needed.")
+    parser.add_argument("--limit-model-concurrency", type=int, default=5, help="Requests decoded at once (batch).")
+    parser.add_argument("--max-queue-size", type=int, default=256, help="Waiting requests beyond this get 503.")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long a new batch waits for company.")
+    parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
+    parser.add_argument("--max-images", type=int, default=8)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    parser.add_argument("--image-download-timeout", type=float, default=DEFAULT_DOWNLOAD_TIMEOUT)
+    parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL)
+    args = parser.parse_args(argv)
+    if args.load_8bit and args.load_4bit:
+        parser.error("Choose one of --load-8bit and --load-4bit.")
+    if args.limit_model_concurrency < 1:
+        parser.error(f"--limit-model-concurrency {args.limit_model_concurrency}: must be at least 1.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging("llava.serve.model_worker")
+    worker_addr = args.worker_address or local_url(args.host, args.port)
+    logger.info("Loading %s (base %s) on device %s", args.model_path, args.model_base, args.device)
+    engine = LlavaEngine.from_pretrained(
+        args.model_path,
+        args.model_base,
+        conv_mode=args.conv_mode,
+        model_name=args.model_name,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        device=args.device,
+        device_map=_device_map(args.device, args.num_gpus),
+        use_flash_attn=args.use_flash_attn,
+        vision_tower=args.vision_tower,
+    )
+    model_name = args.model_name or get_model_name_from_path(args.model_path)
+    worker = ModelWorker(
+        engine,
+        model_name,
+        worker_addr,
+        None if args.no_register else args.controller_address or "http://localhost:21001",
+        max_batch_size=args.limit_model_concurrency,
+        max_queue=args.max_queue_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        image_timeout=args.image_download_timeout,
+        heart_beat_interval=args.heart_beat_interval,
+    )
+    logger.info("Serving `%s` (template `%s`) at %s", model_name, engine.conv_mode, worker_addr)
+    run_server(build_app(worker, args.max_request_bytes), args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Register a running model worker with a controller by hand (workers normally register themselves).
+
+    python -m llava.serve.register_worker --controller-address http://localhost:10000 \\
+        --worker-name http://localhost:40000 [--no-check-heart-beat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import requests
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--controller-address", "--controller", dest="controller_address", required=True)
+    parser.add_argument("--worker-name", "--worker-address", "--worker", dest="worker_name", required=True)
+    parser.add_argument(
+        "--check-heart-beat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Drop the worker when its heartbeats stop (default); --no-check-heart-beat keeps it listed.",
+    )
+    args = parser.parse_args(argv)
+    body = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat}
+    try:
+        response = requests.post(args.controller_address.rstrip("/") + "/register_worker", json=body, timeout=10)
+    except requests.RequestException as err:
+        print(f"The controller at {args.controller_address} is unreachable: {err}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"Registration refused ({response.status_code}): {response.text}", file=sys.stderr)
+        return 1
+    print(f"Registered {args.worker_name} with {args.controller_address}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
