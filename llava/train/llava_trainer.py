@@ -1,0 +1,369 @@
+"""LLaVATrainer: modality-grouped sampling, per-module learning rates, complete checkpoints at every save.
+
+What a checkpoint holds follows from what trains (`checkpoint_format`):
+  projector  stage 1 (only the projector learns): `mm_projector.bin` + `config.json`, loaded on `--model-base`
+  lora       LoRA / QLoRA: adapter files + `non_lora_trainables.bin` (projector, ...) + `config.json`
+  full       anything else: a complete model directory (`save_pretrained`)
+Intermediate `checkpoint-N` directories use the same format (plus optimizer/scheduler/RNG state for resuming), so
+each one loads with `llava.model.builder.load_pretrained_model` as it is. Under ZeRO-3 the trained weights are
+gathered from all ranks before they are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.train.preprocess import Tokenized, render_supervision
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMATS = ("projector", "lora", "full")
+PROJECTOR_FILE = "mm_projector.bin"
+NON_LORA_FILE = "non_lora_trainables.bin"
+# Fully-masked samples are judged only after this many samples (a few early ones say little).
+MASKED_CHECK_MIN_SAMPLES = 200
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+
+def _chunks(seq: Sequence[int], size: int) -> list[list[int]]:
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
+
+
+def _split_balanced(indices: list[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Split `indices` into `parts` lists of equal size (the last ones may be short) with similar total length."""
+    if len(indices) % parts:
+        return _chunks(indices, -(-len(indices) // parts))
+    cap = len(indices) // parts
+    out: list[list[int]] = [[] for _ in range(parts)]
+    totals = [0] * parts
+    for i in sorted(indices, key=lambda k: -abs(lengths[k])):
+        j = min((j for j in range(parts) if len(out[j]) < cap), key=lambda j: totals[j])
+        out[j].append(i)
+        totals[j] += abs(lengths[i])
+    return out
+
+
+def length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, groups: int, generator: torch.Generator, subset: list[int] | None = None
+) -> list[int]:
+    """A random order of `subset` (default: all) in which each run of `batch_size * groups` holds similar lengths.
+
+    Each run is `groups` consecutive batches (one per rank and accumulation step) balanced by total length.
+    """
+    subset = list(range(len(lengths))) if subset is None else subset
+    perm = [subset[i] for i in torch.randperm(len(subset), generator=generator).tolist()]
+    out = []
+    for mega in _chunks(perm, batch_size * groups):
+        mega.sort(key=lambda k: -abs(lengths[k]))
+        for part in _split_balanced(mega, lengths, groups):
+            out += part
+    return out
+
+
+def modality_grouped_indices(
+    lengths: Sequence[int], batch_size: int, groups: int, generator: torch.Generator
+) -> list[int]:
+    """Like `length_grouped_indices`, but each run of `batch_size * groups` is all-image or all-text.
+
+    `lengths` are positive for samples with images and negative for text-only ones. The two leftover partial runs
+    are joined into one mixed run at the end. All-image or all-text data is plain length grouping.
+    """
+    image = [i for i, n in enumerate(lengths) if n > 0]
+    text = [i for i, n in enumerate(lengths) if n <= 0]
+    if not image or not text:
+        return length_grouped_indices(lengths, batch_size, groups, generator)
+    mega = batch_size * groups
+    runs, leftover = [], []
+    for subset in (image, text):
+        order = _chunks(length_grouped_indices(lengths, batch_size, groups, generator, subset), mega)
+        if order and len(order[-1]) < mega:
+            leftover += order.pop()
+        runs += order
+    out = [i for r in torch.randperm(len(runs), generator=generator).tolist() for i in runs[r]]
+    return out + leftover
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order with length-grouped (and, with `group_by_modality`, single-modality) batches; reproducible
+    from `seed` and the epoch, so a resumed run sees the same order."""
+
+    def __init__(self, batch_size: int, groups: int, lengths: Sequence[int], group_by_modality: bool, seed: int = 0):
+        self.batch_size, self.groups = batch_size, groups
+        self.lengths = list(lengths)
+        self.group_by_modality = group_by_modality
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        fn = modality_grouped_indices if self.group_by_modality else length_grouped_indices
+        return iter(fn(self.lengths, self.batch_size, self.groups, g))
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def param_numel(p: torch.nn.Parameter) -> int:
+    """Parameter count, also for ZeRO-3-partitioned and 4-bit packed parameters."""
+    n = getattr(p, "ds_numel", None) or p.numel()
+    return n * 2 if type(p).__name__ == "Params4bit" else n
+
+
+def module_group(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if "vision_tower" in name:
+        return "vision_tower"
+    if "mm_projector" in name or "image_newline" in name:
+        return "mm_projector"
+    return "llm"
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """A table of trainable / total parameters per part (vision tower, projector, LLM, LoRA)."""
+    rows: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        row = rows.setdefault(module_group(name), [0, 0])
+        row[1] += param_numel(p)
+        row[0] += param_numel(p) if p.requires_grad else 0
+    total = [sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())]
+    lines = [f"{'part':<14}{'trainable':>16}{'total':>16}{'trained':>10}"]
+    for part in ("vision_tower", "mm_projector", "llm", "lora"):
+        if part in rows:
+            t, n = rows[part]
+            lines.append(f"{part:<14}{t:>16,}{n:>16,}{(100 * t / max(n, 1)):>9.1f}%")
+    lines.append(f"{'all':<14}{total[0]:>16,}{total[1]:>16,}{(100 * total[0] / max(total[1], 1)):>9.1f}%")
+    return "\n".join(lines)
+
+
+def gathered(params: Sequence[torch.nn.Parameter]):
+    """Context in which ZeRO-3-partitioned `params` hold their full values (a no-op otherwise)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
+    """The LLaVA model under a PeftModel / DDP / DeepSpeed wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint_config(model: torch.nn.Module, output_dir: str) -> None:
+    """config.json describing the LLaVA model (never the quantization used while training)."""
+    base = unwrap_llava(model)
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]
+    config.use_cache = True  # off while training; inference wants it
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(output_dir)
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+
+
+class LLaVATrainer(Trainer):
+    """HF Trainer with LLaVA's sampling, optimizer groups, checkpoint formats and supervision checks."""
+
+    def __init__(self, *args, checkpoint_format: str = "full", max_masked_fraction: float = 0.01, **kwargs):
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"Unknown checkpoint format `{checkpoint_format}`; valid: {', '.join(CHECKPOINT_FORMATS)}."
+            )
+        super().__init__(*args, **kwargs)
+        self.checkpoint_format = checkpoint_format
+        self.max_masked_fraction = max_masked_fraction
+        self._samples_seen = 0
+        self._masked_seen = 0
+        self._masked_example: Tokenized | None = None
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        by_modality = getattr(self.args, "group_by_modality_length", False)
+        by_length = self.args.train_sampling_strategy == "group_by_length"
+        if (by_modality or by_length) and hasattr(dataset, "modality_lengths"):
+            lengths = dataset.modality_lengths if by_modality else dataset.lengths
+            return LengthGroupedSampler(
+                batch_size=self.args.train_batch_size,
+                groups=self.args.world_size * self.args.gradient_accumulation_steps,
+                lengths=lengths,
+                group_by_modality=by_modality,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # -- optimizer -------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """AdamW groups: {projector, vision tower, rest} x {decay, no decay}, with `--mm_projector_lr` /
+        `--mm_vision_tower_lr` for the first two when given."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        special = {"mm_projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
+        if all(lr is None for lr in special.values()):
+            return super().create_optimizer(model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[str, bool], list] = {}
+        for name, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = next((k for k, lr in special.items() if lr is not None and k in name), "rest")
+            groups.setdefault((part, name in decay), []).append(p)
+        param_groups = []
+        for (part, has_decay), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
+            if part != "rest":
+                group["lr"] = special[part]
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._needs_dummy_image(inputs):
+            inputs = self._with_dummy_image(inputs)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)  # nothing supervised: loss 0, not 0/0
+        labels = inputs.get("labels")
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if labels is not None and model.training:
+            self._track_masked(inputs, labels)
+        return out
+
+    def _needs_dummy_image(self, inputs) -> bool:
+        """A text-only batch in a distributed run must still use the vision path (see `_with_dummy_image`)."""
+        if self.args.world_size <= 1 or inputs.get("images") is not None or not self.model.training:
+            return False
+        base = unwrap_llava(self.model)
+        return hasattr(base, "get_vision_tower") and base.get_vision_tower() is not None
+
+    def _with_dummy_image(self, inputs: dict) -> dict:
+        """`inputs` plus a black image spliced in after the last token of the shortest row.
+
+        Under DDP every trainable parameter needs a gradient on every rank, and under ZeRO-3 every rank must gather
+        the same parameters in the same order, so a rank whose batch has no image still runs the tower and the
+        projector, at the very place a batch with images runs them. The image sits after the row's last token with
+        ignored labels: causal attention keeps it out of every supervised prediction, so the loss is unchanged and
+        the projector's gradient from it is exactly zero.
+        """
+        tower = unwrap_llava(self.model).get_vision_tower()
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        row = int(mask.sum(dim=1).argmin())
+        ids_col = torch.full_like(ids[:, :1], self.processing_class.pad_token_id)
+        ids_col[row] = IMAGE_TOKEN_INDEX
+        mask_col = torch.zeros_like(mask[:, :1])
+        mask_col[row] = 1
+        side = tower.config.image_size
+        return {
+            **inputs,
+            "input_ids": torch.cat([ids, ids_col], dim=1),
+            "attention_mask": torch.cat([mask, mask_col], dim=1),
+            "labels": torch.cat([labels, torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1),
+            "images": torch.zeros(1, 3, side, side, device=ids.device),
+            "image_sizes": [[side, side]],
+        }
+
+    def _track_masked(self, inputs, labels: torch.Tensor) -> None:
+        masked = ((labels != IGNORE_INDEX).sum(dim=1) == 0).nonzero().flatten().tolist()
+        self._samples_seen += labels.shape[0]
+        self._masked_seen += len(masked)
+        if masked and self._masked_example is None:
+            row = masked[0]
+            mask = inputs.get("attention_mask")
+            keep = mask[row].bool() if mask is not None else torch.ones_like(labels[row], dtype=torch.bool)
+            self._masked_example = Tokenized(inputs["input_ids"][row][keep].tolist(), labels[row][keep].tolist())
+        too_many = self._masked_seen > self.max_masked_fraction * self._samples_seen
+        if self._samples_seen >= MASKED_CHECK_MIN_SAMPLES and too_many:
+            example = render_supervision(self.processing_class, self._masked_example)
+            raise RuntimeError(
+                f"{self._masked_seen} of {self._samples_seen} training samples so far have no supervised token "
+                f"(more than --max_masked_fraction {self.max_masked_fraction}). Usually the template (--version) "
+                f"does not fit the data or --model_max_length cuts the replies off. One of them:\n{example}"
+            )
+
+    # -- saving ----------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.checkpoint_format == "full":
+            super().save_model(output_dir, _internal_call=_internal_call)
+            if self.args.should_save:
+                save_checkpoint_config(self.model, output_dir)
+            return
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        with gathered([p for _, p in named]):
+            state = {n: p.detach().to("cpu", copy=True) for n, p in named}
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if self.checkpoint_format == "projector":
+            torch.save(state, os.path.join(output_dir, PROJECTOR_FILE))
+        else:
+            lora = {n: t for n, t in state.items() if "lora_" in n}
+            self.model.save_pretrained(output_dir, state_dict=lora, save_embedding_layers=False)
+            torch.save({n: t for n, t in state.items() if "lora_" not in n}, os.path.join(output_dir, NON_LORA_FILE))
+        save_checkpoint_config(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        logger.info("Saved a `%s` checkpoint to %s", self.checkpoint_format, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if self.checkpoint_format == "projector":
+            state = torch.load(os.path.join(resume_from_checkpoint, PROJECTOR_FILE), map_location="cpu")
+            _load_partial(model, state, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.checkpoint_format == "lora":
+            path = os.path.join(resume_from_checkpoint, NON_LORA_FILE)
+            _load_partial(model, torch.load(path, map_location="cpu"), path)
+
+    # -- start -----------------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        if self.args.should_log:
+            logger.info(
+                "Trainable parameters (checkpoint format `%s`):\n%s",
+                self.checkpoint_format,
+                trainable_summary(self.model),
+            )
+            if hasattr(self.train_dataset, "describe") and len(self.train_dataset):
+                example = self.train_dataset.describe(0, self.processing_class)
+                logger.info("Sample 0 as the model sees it, supervised spans in [[...]]:\n%s", example)
+        return super().train(*args, **kwargs)
+
+
+def _load_partial(model: torch.nn.Module, state: dict, source: str) -> None:
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"`{source}` holds weights this model does not have: {unknown[:5]}.")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].dtype))

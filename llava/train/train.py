@@ -1,0 +1,386 @@
+"""Train a LLaVA model: stage 1 (projector), stage 2 (full / LoRA / QLoRA), task fine-tuning. `train()` is the entry.
+
+The seeds' commands run unchanged, e.g. stage 1 on 8 GPUs:
+    deepspeed llava/train/train_mem.py --deepspeed ./scripts/zero2.json --model_name_or_path lmsys/vicuna-13b-v1.5 \
+        --version plain --data_path blip_laion_cc_sbu_558k.json --image_folder images \
+        --vision_tower openai/clip-vit-large-patch14-336 --mm_projector_type mlp2x_gelu --tune_mm_mlp_adapter True \
+        --mm_vision_select_layer -2 --mm_use_im_start_end False --mm_use_im_patch_token False --bf16 True \
+        --output_dir ./checkpoints/llava-v1.5-13b-pretrain ... (see scripts/v1_5/pretrain.sh)
+A tiny CPU run that finishes in seconds (tiny backbones: `llava.demo.backbones`; data: docs/CustomData.md):
+    python -m llava.train.train --model_name_or_path TINY_LLAMA --vision_tower TINY_CLIP --version plain \
+        --data_path data.json --image_folder images --tune_mm_mlp_adapter True --output_dir out --max_steps 5 \
+        --per_device_train_batch_size 2 --report_to none
+A run whose output_dir already holds checkpoints resumes from the newest complete one (`--overwrite_output_dir True`
+starts afresh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import torch
+import transformers
+
+from llava.conversation import conv_templates
+from llava.model.language_model import decoder_for_config
+from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from llava.train.data import (
+    DataCollatorForSupervisedDataset,
+    DatasetError,
+    ImageTokenCounter,
+    LazySupervisedDataset,
+    load_records,
+    scan_supervision,
+)
+from llava.train.llava_trainer import LLaVATrainer, unwrap_llava
+from llava.train.preprocess import CHAT_TEMPLATE, Preprocessor, check_version
+
+logger = logging.getLogger("llava.train")
+
+# Modules never quantized for QLoRA (names matched from the start, as transformers 5 does).
+QUANT_SKIP_MODULES = ["model.mm_projector", "model.vision_tower", "lm_head"]
+
+
+# ----------------------------------------------------------------------------------------------------- model setup
+
+
+def _read_raw_config(name_or_path: str, cache_dir: str | None) -> tuple[dict, str]:
+    """config.json as a dict: LLaVA configs say `model_type: llava`, which transformers maps to another class."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"`{name_or_path}` (--model_name_or_path) has no config.json.")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name_or_path, "config.json", cache_dir=cache_dir)
+    with open(path) as f:
+        return json.load(f), path
+
+
+@contextlib.contextmanager
+def _zero3_init_paused(training_args: TrainingArguments):
+    """Build modules outside ZeRO-3's `zero.Init` (the vision tower loads its weights by state dict copy); the
+    DeepSpeed engine partitions them when it starts."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
+
+
+def _weights_dtype(training_args: TrainingArguments) -> torch.dtype:
+    # DeepSpeed keeps fp32 master weights itself; plain runs keep fp32 weights and autocast.
+    if training_args.deepspeed or training_args.bits in (4, 8):
+        if training_args.bf16:
+            return torch.bfloat16
+        if training_args.fp16:
+            return torch.float16
+    return torch.float32
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments, attn_implementation: str):
+    """The LLaVA model for `--model_name_or_path` (a plain decoder or a LLaVA checkpoint), quantized for QLoRA."""
+    if training_args.deepspeed and training_args.use_cpu:
+        # On CPU, transformers sets up torch.distributed (gloo) but not DeepSpeed's communicator, which ZeRO-3's
+        # zero.Init needs while the decoder is built; DeepSpeed adopts the existing process group.
+        import deepspeed
+
+        deepspeed.init_distributed()
+    raw, source = _read_raw_config(model_args.model_name_or_path, training_args.cache_dir)
+    spec = decoder_for_config(raw, source)
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+    if model_args.vision_tower and fields.get("mm_vision_tower") not in (None, model_args.vision_tower):
+        # A LLaVA checkpoint: build its tower from the path given now (e.g. a local copy of the hub tower).
+        fields["mm_vision_tower"] = model_args.vision_tower
+        fields.pop("mm_vision_tower_config", None)
+    config = spec.config_cls(**fields)
+    dtype = _weights_dtype(training_args)
+    kwargs: dict = {"config": config, "dtype": dtype, "attn_implementation": attn_implementation}
+    if training_args.cache_dir:
+        kwargs["cache_dir"] = training_args.cache_dir
+    if training_args.bits in (4, 8):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["device_map"] = {"": training_args.device}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=training_args.bits == 4,
+            load_in_8bit=training_args.bits == 8,
+            llm_int8_skip_modules=QUANT_SKIP_MODULES,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=training_args.double_quant,
+            bnb_4bit_quant_type=training_args.quant_type,
+        )
+    model, info = spec.causal_lm_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True, **kwargs)
+    tower = model.get_vision_tower()
+    if tower is not None:
+        if not any(".vision_tower." in f".{k}" for k in info["missing_keys"]):
+            tower.is_loaded = True  # the checkpoint carried the tower's (possibly trained) weights
+        elif hasattr(next(tower.parameters()), "ds_id"):
+            model.get_model().vision_tower = None  # partitioned and empty: rebuilt below, outside zero.Init
+    model.config.use_cache = False
+    return model
+
+
+def attach_vision(model, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Attach the vision tower and projector (stage-1 weights when given) and write the data fields into the
+    config, so every checkpoint says how its images and prompts were prepared."""
+    if not model_args.vision_tower:
+        return None
+    with _zero3_init_paused(training_args):
+        model.get_model().initialize_vision_modules(model_args, fsdp=training_args.fsdp)
+    tower = model.get_vision_tower()
+    if training_args.bits in (4, 8):
+        device = model.get_input_embeddings().weight.device
+        tower.to(device=device)
+        model.get_model().mm_projector.to(device=device)
+    config = model.config
+    config.image_aspect_ratio = data_args.image_aspect_ratio
+    config.image_grid_pinpoints = data_args.image_grid_pinpoints
+    config.mm_use_im_start_end = model_args.mm_use_im_start_end
+    config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower
+    config.mm_projector_lr = training_args.mm_projector_lr
+    config.mm_vision_tower_lr = training_args.mm_vision_tower_lr
+    data_args.is_multimodal = True
+    return tower
+
+
+def lora_target_modules(model, include_vision_tower: bool = False) -> list[str]:
+    """Names of the linear layers LoRA adapts: the LLM's (and the tower's when asked), never projector or head."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "mm_projector" in name or name.endswith("lm_head"):
+            continue
+        if "vision_tower" in name and not include_vision_tower:
+            continue
+        names.append(name)
+    return names
+
+
+def apply_lora(model, training_args: TrainingArguments):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if training_args.bits in (4, 8):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+    config = LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        target_modules=lora_target_modules(model, training_args.lora_vision_tower),
+        lora_dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """Freeze / unfreeze tower, projector and LLM in one place; returns the checkpoint format this implies."""
+    base = unwrap_llava(model)
+    lora = training_args.lora_enable
+    llm_trains = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone or lora)
+    if not lora:
+        base.requires_grad_(llm_trains)
+    tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
+    tower_trains = False
+    if tower is not None:
+        tower_trains = model_args.unfreeze_mm_vision_tower
+        for name, p in tower.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(tower_trains)
+        tower_trains = tower_trains or (lora and training_args.lora_vision_tower)
+        base.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
+        if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end:
+            base.get_input_embeddings().weight.requires_grad_(True)  # the new <im_start>/<im_end> rows learn
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "Nothing would train: the LLM, projector and vision tower are all frozen. Check --tune_mm_mlp_adapter, "
+            "--freeze_backbone, --freeze_mm_mlp_adapter and --unfreeze_mm_vision_tower."
+        )
+    if tower_trains and training_args.ddp_find_unused_parameters is None:
+        # The tower's last layer(s) and post-layernorm do not feed the selected features: DDP must allow that.
+        training_args.ddp_find_unused_parameters = True
+    if training_args.gradient_checkpointing and not base.get_input_embeddings().weight.requires_grad:
+        base.enable_input_require_grads()
+    if lora:
+        return "lora"
+    if not llm_trains and not tower_trains and tower is not None:
+        return "projector"
+    return "full"
+
+
+def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("The tokenizer has no pad token; padding with `%s` (padded positions are masked).", fallback)
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------------- resuming
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was written completely (it has trainer_state.json)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _resume_target(training_args: TrainingArguments) -> str | None:
+    given = (training_args.resume_from_checkpoint or "").strip()
+    if given.lower() in ("false", "no", "none"):
+        return None
+    if given and given.lower() not in ("true", "yes"):
+        return given
+    if training_args.overwrite_output_dir:
+        return None
+    return last_checkpoint(training_args.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+
+
+def _setup_logging(training_args: TrainingArguments) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    llava_logger = logging.getLogger("llava")
+    llava_logger.setLevel(level)
+    if not llava_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        llava_logger.addHandler(handler)
+        llava_logger.propagate = False
+
+
+def _write_run_config(model_args, data_args, training_args) -> None:
+    if not training_args.should_save:
+        return
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    resolved = {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "training": json.loads(training_args.to_json_string()),
+    }
+    with open(os.path.join(training_args.output_dir, "llava_run_config.json"), "w") as f:
+        json.dump(resolved, f, indent=2, default=str)
+
+
+def build_dataset(tokenizer, model, model_args, data_args, training_args) -> LazySupervisedDataset:
+    base = unwrap_llava(model)
+    tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
+    records = load_records(
+        data_args.data_path, data_args.image_folder, data_args.validate_images, data_args.skip_bad_records
+    )
+    dataset = LazySupervisedDataset(
+        records,
+        Preprocessor(tokenizer, model_args.version, model_args.mm_use_im_start_end),
+        max_length=training_args.model_max_length,
+        image_processor=tower.image_processor if tower is not None else None,
+        image_tokens=ImageTokenCounter(base) if tower is not None else None,
+        image_config={
+            "image_aspect_ratio": data_args.image_aspect_ratio,
+            "image_grid_pinpoints": data_args.image_grid_pinpoints,
+        },
+        source=data_args.data_path,
+        skip_bad=data_args.skip_bad_records,
+    )
+    checked, masked = scan_supervision(dataset, seed=training_args.seed)
+    if len(masked) > data_args.max_masked_fraction * checked:
+        raise DatasetError(
+            f"{len(masked)} of {checked} samples checked in `{data_args.data_path}` have no supervised token (more "
+            f"than --max_masked_fraction {data_args.max_masked_fraction}); e.g. record {records[masked[0]].index}, "
+            "as the model would see it (supervised spans would be in [[...]]):\n"
+            f"{dataset.describe(masked[0], tokenizer)}\nCheck that --version fits the data and that "
+            "--model_max_length leaves room for the replies after the image features."
+        )
+    return dataset
+
+
+def train(
+    argv: list[str] | None = None,
+    attn_implementation: str | None = None,
+    callbacks=None,
+    attn_reason: str | None = None,
+):
+    """Parse the arguments (`argv`, default sys.argv), build model and data, train, and save the result.
+
+    `attn_implementation` defaults to PyTorch SDPA; `attn_reason` says in the log why it was chosen.
+    """
+    model_args, data_args, training_args = parse_args(argv)
+    _setup_logging(training_args)
+    for note in training_args.hardware_notes:
+        logger.info(note)
+    attn_implementation = attn_implementation or "sdpa"
+    logger.info("Attention implementation: %s%s", attn_implementation, f" ({attn_reason})" if attn_reason else "")
+    transformers.set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    check_version(model_args.version, tokenizer)
+    model = load_model(model_args, training_args, attn_implementation)
+    if attach_vision(model, model_args, data_args, training_args) is not None:
+        model.initialize_vision_tokenizer(model_args, tokenizer)
+    model.config.tokenizer_padding_side = tokenizer.padding_side
+    model.config.tokenizer_model_max_length = tokenizer.model_max_length
+    if model_args.version in conv_templates:
+        model.config.conv_template = model_args.version
+    elif model_args.version == CHAT_TEMPLATE:
+        model.config.use_tokenizer_chat_template = True  # the tokenizer saved with each checkpoint carries it
+
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+    checkpoint_format = set_trainable(model, model_args, training_args)
+
+    dataset = build_dataset(tokenizer, model, model_args, data_args, training_args)
+    _write_run_config(model_args, data_args, training_args)
+    trainer = LLaVATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        checkpoint_format=checkpoint_format,
+        max_masked_fraction=data_args.max_masked_fraction,
+    )
+    resume = _resume_target(training_args)
+    if resume:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    unwrap_llava(model).config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    train()
