@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 
 from llava.eval.runner import (
-    AnswerFile,
     Request,
     add_io_args,
     add_model_args,
-    conv_mode_for,
-    generate_answers,
+    answer_all,
     get_chunk,
     image_paths,
-    load_engine,
-    one_at_a_time,
     opt,
-    pending,
     read_questions,
 )
 
@@ -56,14 +51,7 @@ def eval_model(args, engine=None) -> str:
     """Answer `args.question_file` into `args.answers_file`; pass a loaded `engine` to reuse it. Returns the path."""
     questions = read_questions(args.question_file)  # before loading the model: a bad path fails at once
     questions = get_chunk(questions, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
-    engine = engine or load_engine(args)
-    conv_mode = conv_mode_for(args, engine)
-    with AnswerFile(args.answers_file, overwrite=bool(opt(args, "overwrite", False))) as answers:
-        todo = pending(
-            question_requests(questions, args, engine, conv_mode, args.question_file), answers, len(questions)
-        )
-        generate_answers(engine, one_at_a_time(todo), len(todo), args, answers, conv_mode)
-    return answers.path
+    return answer_all(args, engine, lambda eng, conv: question_requests(questions, args, eng, conv, args.question_file))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -13,22 +13,17 @@ resumable; `--num-chunks/--chunk-idx` split the work across processes (see scrip
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 
 from torch.utils.data import DataLoader, Dataset
 
 from llava.eval.model_vqa import question_requests
 from llava.eval.runner import (
-    AnswerFile,
     Request,
     add_io_args,
     add_model_args,
-    conv_mode_for,
-    generate_answers,
+    answer_all,
     get_chunk,
-    load_engine,
     opt,
-    pending,
     read_questions,
 )
 
@@ -75,17 +70,14 @@ def eval_model(args, engine=None) -> str:
     """Answer `args.question_file` into `args.answers_file`; pass a loaded `engine` to reuse it. Returns the path."""
     questions = read_questions(args.question_file)  # before loading the model: a bad path fails at once
     questions = get_chunk(questions, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
-    engine = engine or load_engine(args)
-    conv_mode = conv_mode_for(args, engine)
-    with AnswerFile(args.answers_file, overwrite=bool(opt(args, "overwrite", False))) as answers:
-        todo = pending(
-            question_requests(questions, args, engine, conv_mode, args.question_file), answers, len(questions)
-        )
-        batches: Iterable[list[Request]] = create_data_loader(
+    return answer_all(
+        args,
+        engine,
+        lambda eng, conv: question_requests(questions, args, eng, conv, args.question_file),
+        batches=lambda todo: create_data_loader(
             todo, batch_size=int(opt(args, "batch_size", 1)), num_workers=int(opt(args, "num_workers", 4))
-        )
-        generate_answers(engine, batches, len(todo), args, answers, conv_mode)
-    return answers.path
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> str:

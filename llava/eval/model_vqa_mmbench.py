@@ -19,17 +19,12 @@ import os
 import sys
 
 from llava.eval.runner import (
-    AnswerFile,
     Request,
     add_io_args,
     add_model_args,
-    conv_mode_for,
-    generate_answers,
+    answer_all,
     get_chunk,
-    load_engine,
-    one_at_a_time,
     opt,
-    pending,
 )
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
@@ -127,13 +122,7 @@ def eval_model(args, engine=None) -> str:
     if missing:
         raise ValueError(f"`{args.question_file}` lacks the MMBench column(s) {sorted(missing)}.")
     rows = get_chunk(all_rows, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
-    engine = engine or load_engine(args)
-    conv_mode = conv_mode_for(args, engine)
-    with AnswerFile(args.answers_file, key=round_key, overwrite=bool(opt(args, "overwrite", False))) as answers:
-        requests = mmbench_requests(rows, all_rows, args, engine, conv_mode)
-        todo = pending(requests, answers, len(requests))
-        generate_answers(engine, one_at_a_time(todo), len(todo), args, answers, conv_mode)
-    return answers.path
+    return answer_all(args, engine, lambda eng, conv: mmbench_requests(rows, all_rows, args, eng, conv), key=round_key)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -42,9 +42,14 @@ def opt(args: Any, name: str, default: Any = None) -> Any:
 
 def add_model_args(parser: argparse.ArgumentParser, *, temperature: float = 0.2, max_new_tokens: int = 1024) -> None:
     """Model, template and sampling flags, spelled as in the original scripts (plus dashed aliases)."""
-    parser.add_argument("--model-path", type=str, required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--model-path", type=str, default=None, help="checkpoint directory or hub id (required)")
     parser.add_argument("--model-base", type=str, default=None, help="base decoder for LoRA / projector-only dirs")
-    parser.add_argument("--model-name", type=str, default=None, help="model_id in answers (default: from the path)")
+    parser.add_argument(
+        "--model-name",
+        type=str,
+        default=None,
+        help="model_id in answers (default: from the path); without --model-path, the checkpoint (v0-era scripts)",
+    )
     parser.add_argument("--vision-tower", type=str, default=None, help="override the config's mm_vision_tower")
     parser.add_argument(
         "--conv-mode", type=str, default=None, help="chat template (default: the one stored in the checkpoint)"
@@ -215,7 +220,7 @@ def load_engine(args: Any):
     from llava.inference import LlavaEngine
 
     return LlavaEngine.from_pretrained(
-        os.path.expanduser(args.model_path),
+        model_path_of(args),
         opt(args, "model_base"),
         conv_mode=opt(args, "conv_mode") or None,
         model_name=opt(args, "model_name"),
@@ -226,10 +231,18 @@ def load_engine(args: Any):
     )
 
 
+def model_path_of(args: Any) -> str:
+    """`--model-path`; v0-era scripts named the checkpoint directory with `--model-name` instead."""
+    path = opt(args, "model_path") or opt(args, "model_name")
+    if not path:
+        raise SystemExit("Pass the checkpoint with --model-path (a directory or a hub id).")
+    return os.path.expanduser(path)
+
+
 def model_id(args: Any) -> str:
     from llava.mm_utils import get_model_name_from_path
 
-    return opt(args, "model_name") or get_model_name_from_path(os.path.expanduser(args.model_path))
+    return opt(args, "model_name") or get_model_name_from_path(model_path_of(args))
 
 
 def conv_mode_for(args: Any, engine) -> str:
@@ -338,3 +351,22 @@ def pending(requests: Iterable[Request], answers: AnswerFile, total: int) -> lis
 def one_at_a_time(requests: Iterable[Request]) -> Iterable[list[Request]]:
     for request in requests:
         yield [request.loaded()]
+
+
+def answer_all(
+    args: Any,
+    engine,
+    make_requests: Callable[[Any, str], list[Request]],
+    *,
+    batches: Callable[[list[Request]], Iterable[list[Request]]] = one_at_a_time,
+    key: Callable[[dict], Hashable] = question_key,
+) -> str:
+    """The body every generation script shares: load the model (unless given), then answer each request that
+    `args.answers_file` does not hold yet. `make_requests(engine, conv_mode)` builds the requests. Returns the path."""
+    engine = engine or load_engine(args)
+    conv_mode = conv_mode_for(args, engine)
+    with AnswerFile(args.answers_file, key=key, overwrite=bool(opt(args, "overwrite", False))) as answers:
+        requests = make_requests(engine, conv_mode)
+        todo = pending(requests, answers, len(requests))
+        generate_answers(engine, batches(todo), len(todo), args, answers, conv_mode)
+    return answers.path
