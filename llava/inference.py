@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria
+from transformers.cache_utils import DynamicLayer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
@@ -134,6 +136,16 @@ class LlavaEngine:
     @property
     def config(self):
         return self.model.config
+
+    def enable_image_feature_cache(self, max_bytes: int = 256 << 20):
+        """Keep the projected features of recently seen images (up to `max_bytes`), so a repeated image is not
+        encoded again; 0 turns the cache off. Returns the cache (or None)."""
+        from llava.model.feature_cache import ImageFeatureCache
+
+        if not hasattr(self.model, "image_features"):  # a text-only decoder
+            return None
+        self.model.image_feature_cache = ImageFeatureCache(max_bytes) if max_bytes > 0 else None
+        return self.model.image_feature_cache
 
     @property
     def device(self) -> torch.device:
@@ -258,10 +270,22 @@ class LlavaEngine:
     ) -> Iterator[str]:
         """Yield the generated text so far, growing, until a stop string or the token limit."""
         params = params or GenerationParams()
-        request = self.encode(prompt, images, 0)
+        yield from self.stream_encoded(self.encode(prompt, images, 0), params, conv_mode)
+
+    def stream_encoded(
+        self,
+        request: EncodedRequest,
+        params: GenerationParams,
+        conv_mode: str | None = None,
+        usage: dict | None = None,
+    ) -> Iterator[str]:
+        """`stream` for an encoded request: one HF `generate` call in a thread. When the caller stops iterating,
+        generation stops at the next token. `usage`, if given, receives `completion_tokens` and `finish_reason`."""
         stops = self.stop_strings(params, conv_mode)
         ids, mask, pixel, sizes = self._batch_tensors([request])
         kwargs = self._generate_kwargs([request], params, ids, stops)
+        cancelled = threading.Event()
+        kwargs["stopping_criteria"] = [*kwargs.get("stopping_criteria", []), _CancelledCriteria(cancelled)]
         streamer = _TokenStreamer()
         errors: list[BaseException] = []
 
@@ -278,24 +302,40 @@ class LlavaEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         tokens: list[int] = []
-        sent, final = "", ""
-        for new in streamer:
-            tokens += new
-            # Decode the whole reply each time, so byte-fallback pieces and merges come out as `generate` gives them.
-            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            final = cut_at_stop(decoded, stops)
-            stopped = len(final) < len(decoded)
-            # Hold back a half-decoded character, and text that a later byte would rewrite.
-            if not final.endswith("\ufffd") and final.startswith(sent) and final != sent:
-                sent = final
-                yield sent
-            if stopped:
-                break
-        if final != sent:
-            yield final
-        thread.join()
+        sent, final, stopped = "", "", False
+        held = self.byte_token_ids | self.special_token_ids
+        try:
+            for new in streamer:
+                tokens += new
+                # Decode the whole reply each time, so byte-fallback pieces and merges come out as `generate` does.
+                decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                final = cut_at_stop(decoded, stops)
+                stopped = len(final) < len(decoded)
+                # A trailing run of byte tokens decodes as one group that a later byte can rewrite entirely (as in
+                # `BatchDecoder.step`): show text only up to it, and never a half-decoded character.
+                n = len(tokens)
+                while n and tokens[n - 1] in held:
+                    n -= 1
+                shown = final
+                if n < len(tokens):
+                    shown = cut_at_stop(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), stops)
+                if not shown.endswith("\ufffd") and shown.startswith(sent) and shown != sent:
+                    sent = shown
+                    yield sent
+                if stopped:
+                    break
+            if final != sent:
+                yield final
+        finally:
+            cancelled.set()  # a consumer that went away (or a stop string) ends `generate` at its next step
+            thread.join()
         if errors:
             raise errors[0]
+        if usage is not None:
+            eos = self.model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+            stopped = stopped or bool(tokens and tokens[-1] in eos)
+            usage.update(completion_tokens=len(tokens), finish_reason="stop" if stopped else "length")
 
     @functools.cached_property
     def byte_token_ids(self) -> frozenset[int]:
@@ -311,6 +351,16 @@ class LlavaEngine:
     def decoder(self, params: GenerationParams, conv_mode: str | None = None) -> BatchDecoder:
         """A step-wise batched decoder for requests sharing `params.batch_key()` (see `BatchDecoder`)."""
         return BatchDecoder(self, params, conv_mode)
+
+
+class _CancelledCriteria(StoppingCriteria):
+    """A `generate` stopping criterion that ends every row once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _TokenStreamer:
@@ -466,8 +516,14 @@ class BatchDecoder:
             # As `generate`: positions count real tokens only; padding sits at position 0.
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
             out = model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # as `generate` does: only the last position's logits, not (B, T, vocab)
             )
             logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
             del out
@@ -600,12 +656,44 @@ def _splicable(cache, context_len: int) -> bool:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     for layer in getattr(cache, "layers", [None]):
-        if type(layer) is DynamicLayer:
+        if type(layer) in (DynamicLayer, _GrowingLayer):
             continue
         if type(layer) is DynamicSlidingWindowLayer and not layer.record_past and context_len < layer.sliding_window:
             continue
         return False
     return True
+
+
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into spare capacity. `DynamicLayer` concatenates, copying the whole cache at
+    every step, which dominates a large batch's decoding step on a CPU. Here keys and values are views of larger
+    buffers; when they were replaced from outside (rows selected, columns trimmed, caches spliced) or the buffer is
+    full, the next update copies them into a new buffer with room for `_GROW` more tokens."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    _views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.numel() else 0
+        add = key_states.shape[-2]
+        ours = self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
+        if not ours or n + add > self._buffers[0].shape[-2]:
+            shape = [*key_states.shape[:-2], n + add + _GROW, key_states.shape[-1]]
+            self._buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n:
+                self._buffers[0][..., :n, :] = self.keys
+                self._buffers[1][..., :n, :] = self.values
+        keys, values = self._buffers
+        keys[..., n : n + add, :] = key_states  # (B, H, T, D)
+        values[..., n : n + add, :] = value_states
+        self.keys, self.values = keys[..., : n + add, :], values[..., : n + add, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+
+_GROW = 64  # tokens of spare room a growing cache layer allocates at a time
 
 
 def _set_cache_tensors(layer, keys: torch.Tensor, values: torch.Tensor) -> None:

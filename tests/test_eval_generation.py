@@ -451,3 +451,19 @@ def test_missing_question_file_fails_before_loading(tmp_path):
             "/nonexistent/model",
             ["--question-file", str(tmp_path / "nope.jsonl"), "--answers-file", str(tmp_path / "a.jsonl")],
         )
+
+
+def test_model_vqa_science_answer_prompter(engine, ckpt, tmp_path):
+    """v0 two-pass prompting: the reasoning is fed back with `###\\nANSWER:` and the reply joined as the answer."""
+    qfile, folder = sqa_files(tmp_path)
+    questions = json.load(open(qfile))
+    args = ["--question-file", qfile, "--image-folder", folder, "--answer-prompter"]
+    answers = read_jsonl(run(model_vqa_science, engine, ckpt, [*args, "--answers-file", str(tmp_path / "ap.jsonl")]))
+    params = GenerationParams(temperature=0, max_new_tokens=64)
+    for q, a in zip(questions, answers):
+        question = q["conversations"][0]["value"].replace("<image>", "").strip()
+        images = [_load(folder, q["image"])] if "image" in q else []
+        reasoning = expected(engine, question, images)
+        prompt = engine.build_prompt(question, len(images)) + reasoning + " ###\nANSWER:"
+        answer = engine.generate([prompt], [images], params)[0]
+        assert a["text"] == reasoning + "\n The answer is " + answer

@@ -37,7 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--single-pred-prompt", action="store_true", help=f"append the instruction `{SINGLE_PRED_PROMPT}`"
     )
+    parser.add_argument(
+        "--answer-prompter",
+        action="store_true",
+        help="v0 ScienceQA: after the model's reasoning, ask again with `###\\nANSWER:` for the letter",
+    )
     return parser
+
+
+def prompt_for_answer(engine, batch: list[Request], texts: list[str], conv_mode: str) -> list[str]:
+    """The v0 two-pass ScienceQA prompting: feed the reasoning back, ask for the answer, and join the two as
+    `<reasoning>\n The answer is <answer>` so the scorer finds the letter."""
+    from llava.inference import GenerationParams
+
+    prompts = [r.prompt + text + " ###\nANSWER:" for r, text in zip(batch, texts)]
+    second = engine.generate(
+        prompts, [r.images or [] for r in batch], GenerationParams(temperature=0, max_new_tokens=64), conv_mode
+    )
+    return [text + "\n The answer is " + answer for text, answer in zip(texts, second)]
 
 
 def science_requests(questions: list[dict], args, engine, conv_mode: str, source: str) -> list[Request]:
@@ -59,7 +76,12 @@ def science_requests(questions: list[dict], args, engine, conv_mode: str, source
 def eval_model(args, engine=None) -> str:
     questions = read_questions(args.question_file)  # before loading the model: a bad path fails at once
     questions = get_chunk(questions, opt(args, "num_chunks", 1), opt(args, "chunk_idx", 0))
-    return answer_all(args, engine, lambda eng, conv: science_requests(questions, args, eng, conv, args.question_file))
+    return answer_all(
+        args,
+        engine,
+        lambda eng, conv: science_requests(questions, args, eng, conv, args.question_file),
+        followup=prompt_for_answer if opt(args, "answer_prompter", False) else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> str:

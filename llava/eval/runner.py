@@ -303,8 +303,12 @@ def generate_answers(
     answers: AnswerFile,
     conv_mode: str,
     desc: str = "answering",
+    followup: Callable[[Any, list[Request], list[str], str], list[str]] | None = None,
 ) -> int:
-    """Generate for each batch of loaded requests and append one record per answer; returns the number written."""
+    """Generate for each batch of loaded requests and append one record per answer; returns the number written.
+
+    `followup(engine, batch, texts, conv_mode)`, when given, turns the first answers into the final ones (e.g. a
+    second pass that asks for the answer after the model's reasoning)."""
     from llava.inference import RequestError
 
     params = generation_params(args)
@@ -324,6 +328,8 @@ def generate_answers(
             except RequestError as err:
                 keys = ", ".join(repr(r.key) for r in batch)
                 raise RequestError(f"Question {keys}: {err}") from err
+            if followup is not None:
+                texts = followup(engine, batch, texts, conv_mode)
             for request, text in zip(batch, texts):
                 answers.write(
                     {
@@ -360,6 +366,7 @@ def answer_all(
     *,
     batches: Callable[[list[Request]], Iterable[list[Request]]] = one_at_a_time,
     key: Callable[[dict], Hashable] = question_key,
+    followup: Callable[[Any, list[Request], list[str], str], list[str]] | None = None,
 ) -> str:
     """The body every generation script shares: load the model (unless given), then answer each request that
     `args.answers_file` does not hold yet. `make_requests(engine, conv_mode)` builds the requests. Returns the path."""
@@ -368,5 +375,5 @@ def answer_all(
     with AnswerFile(args.answers_file, key=key, overwrite=bool(opt(args, "overwrite", False))) as answers:
         requests = make_requests(engine, conv_mode)
         todo = pending(requests, answers, len(requests))
-        generate_answers(engine, batches(todo), len(todo), args, answers, conv_mode)
+        generate_answers(engine, batches(todo), len(todo), args, answers, conv_mode, followup=followup)
     return answers.path

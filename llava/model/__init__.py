@@ -3,6 +3,7 @@
 from llava.model.language_model import DECODERS, decoder_for_config
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM
 from llava.model.language_model.llava_qwen2 import LlavaQwen2Config, LlavaQwen2ForCausalLM
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "LlavaLlamaForCausalLM",
     "LlavaMistralConfig",
     "LlavaMistralForCausalLM",
+    "LlavaMptConfig",
+    "LlavaMptForCausalLM",
     "LlavaQwen2Config",
     "LlavaQwen2ForCausalLM",
     "decoder_for_config",

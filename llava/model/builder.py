@@ -23,13 +23,27 @@ import torch
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.conversation import conv_templates, guess_conv_mode
 from llava.model.language_model import decoder_for_config
-from llava.model.llava_arch import load_projector_weights, resize_embeddings_to_mean
+from llava.model.llava_arch import (
+    load_projector_weights,
+    resize_embeddings_to_mean,
+    restore_token_rows,
+    start_end_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "model*.bin")
 # Architecture fields a LoRA's base must share with the model the LoRA was trained on.
 BASE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+# Never quantized (matched from the start of module names): projector and tower under LLaMA-style (`model.`) and
+# MPT (`transformer.`) base models, and the LM head.
+QUANT_SKIP_MODULES = (
+    "model.mm_projector",
+    "model.vision_tower",
+    "transformer.mm_projector",
+    "transformer.vision_tower",
+    "lm_head",
+)
 
 
 class CheckpointError(ValueError):
@@ -146,7 +160,7 @@ def _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype
         from transformers import BitsAndBytesConfig
 
         # Matched from the start of module names (transformers 5): the projector and tower stay full precision.
-        skip = ["model.mm_projector", "model.vision_tower", "lm_head"]
+        skip = list(QUANT_SKIP_MODULES)
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
             if load_8bit
@@ -207,7 +221,9 @@ def _load_tokenizer(*dirs: str):
     raise CheckpointError(f"No tokenizer files in {[d for d in dirs if d]}.")
 
 
-def _finish_multimodal(model, tokenizer, tower_missing: bool):
+def _finish_multimodal(model, tokenizer, tower_missing: bool, trained_vocab: int | None = None):
+    """Add LLaVA's tokens to the tokenizer and fit the embeddings; load the tower. `trained_vocab`: the embedding size
+    the run had, for a stage-1 / LoRA dir loaded on its base (its added rows start at the mean, as in training)."""
     config = model.config
     new_tokens = []
     if getattr(config, "mm_use_im_patch_token", True):
@@ -215,8 +231,16 @@ def _finish_multimodal(model, tokenizer, tower_missing: bool):
     if getattr(config, "mm_use_im_start_end", False):
         new_tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
     added = tokenizer.add_tokens(new_tokens, special_tokens=True) if new_tokens else 0
-    if added and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        resize_embeddings_to_mean(model, len(tokenizer), len(tokenizer) - model.get_input_embeddings().weight.shape[0])
+    rows = model.get_input_embeddings().weight.shape[0]
+    if trained_vocab is not None and trained_vocab != rows:
+        if not new_tokens:
+            raise CheckpointError(
+                f"The checkpoint was trained with {trained_vocab} token embeddings but its base has {rows}, and it "
+                "added no LLaVA tokens: pass the decoder it was trained on as `model_base` (--model-base)."
+            )
+        resize_embeddings_to_mean(model, trained_vocab, len(new_tokens))
+    elif added and len(tokenizer) > rows:
+        resize_embeddings_to_mean(model, len(tokenizer), len(tokenizer) - rows)
     tower = model.get_vision_tower()
     if tower_missing:
         tower.load_model()
@@ -294,14 +318,21 @@ def load_pretrained_model(
 
     spec = decoder_for_config(info.config, os.path.join(path, "config.json"))
     config = _config_object(spec, info.config, vision_tower)
+    trained_vocab = None
+    if info.kind in ("projector", "lora"):
+        # The run saved the embedding size after adding its tokens; the base still has its own, so build with that.
+        base_vocab = read_config(base).get("vocab_size")
+        if base_vocab and getattr(config, "vocab_size", None) not in (None, base_vocab):
+            trained_vocab, config.vocab_size = config.vocab_size, base_vocab
 
+    stage1_state = None
     if info.kind == "full":
         model, tower_missing = _from_pretrained(spec, path, config, load_kwargs, expect_missing=("tower",))
         tokenizer = _load_tokenizer(path, base)
     elif info.kind == "projector":
         model, tower_missing = _from_pretrained(spec, base, config, load_kwargs, expect_missing=("tower", "projector"))
-        state = torch.load(os.path.join(path, "mm_projector.bin"), map_location="cpu", weights_only=True)
-        load_projector_weights(model.get_model().mm_projector, state, os.path.join(path, "mm_projector.bin"))
+        stage1_state = torch.load(os.path.join(path, "mm_projector.bin"), map_location="cpu", weights_only=True)
+        load_projector_weights(model.get_model().mm_projector, stage1_state, os.path.join(path, "mm_projector.bin"))
         tokenizer = _load_tokenizer(path, base)
     else:  # lora
         _check_lora_base(path, info.config, base)
@@ -309,7 +340,15 @@ def load_pretrained_model(
         tokenizer = _load_tokenizer(path, base)
         model = _apply_lora(model, path, merge_lora)
 
-    image_processor = _finish_multimodal(_unwrap(model), tokenizer, tower_missing)
+    image_processor = _finish_multimodal(_unwrap(model), tokenizer, tower_missing, trained_vocab)
+    if stage1_state is not None and getattr(config, "mm_use_im_start_end", False):
+        # A stage-1 run with --mm_use_im_start_end also trained the <im_start>/<im_end> embedding rows.
+        source = os.path.join(path, "mm_projector.bin")
+        if not restore_token_rows(model, stage1_state, start_end_token_ids(tokenizer), source):
+            raise CheckpointError(
+                f"`{source}` comes from a run with `mm_use_im_start_end` but holds no input-embedding rows for "
+                "<im_start>/<im_end>; the stage-1 run is incomplete."
+            )
     model.eval()
     return tokenizer, model, image_processor, _context_len(_unwrap(model).config)
 
@@ -319,7 +358,7 @@ def _unwrap(model):
 
 
 def _context_len(config) -> int:
-    for field in ("max_sequence_length", "tokenizer_model_max_length", "max_position_embeddings"):
+    for field in ("max_sequence_length", "tokenizer_model_max_length", "max_position_embeddings", "max_seq_len"):
         value = getattr(config, field, None)
         if value:
             return int(value)

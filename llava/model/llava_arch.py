@@ -17,12 +17,14 @@ from llava.constants import (
     IMAGE_TOKEN_INDEX,
 )
 from llava.mm_utils import get_anyres_image_grid_shape, parse_grid_pinpoints
+from llava.model.feature_cache import weights_fingerprint
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 
 logger = logging.getLogger(__name__)
 
 PATCH_MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+_FEATURE_CONFIG_KEYS = ("mm_patch_merge_type", "image_aspect_ratio", "image_grid_pinpoints")
 
 
 def unpadded_hw(height: int, width: int, original_size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -125,6 +127,14 @@ def load_projector_weights(projector: nn.Module, state: dict[str, torch.Tensor],
     projector.load_state_dict({k: v.to(**kwargs) for k, v in prefix_keys.items()})
 
 
+def _right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether every row of a (B, T) mask is real tokens followed only by padding."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def _as_image_list(images) -> list[torch.Tensor]:
     """Normalise `images` to one tensor per image, each (k, C, H, W) (k = 1, or 1 + anyres tiles)."""
     if isinstance(images, torch.Tensor):
@@ -148,6 +158,8 @@ class LlavaMetaForCausalLM:
 
     A family sets `llava_model_class` (its base model with `LlavaMetaModel` mixed in) and `decoder_pretrained_class`
     (the family's `PreTrainedModel`), so the decoder's own `__init__`, which builds a text-only model, is skipped.
+    The base model is stored under the family's `base_model_prefix` (`model` for LLaMA, `transformer` for MPT), so
+    weight keys are the family's own.
     """
 
     llava_model_class: type
@@ -155,13 +167,13 @@ class LlavaMetaForCausalLM:
 
     def __init__(self, config):
         self.decoder_pretrained_class.__init__(self, config)
-        self.model = self.llava_model_class(config)
+        setattr(self, self.base_model_prefix, self.llava_model_class(config))
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_model(self):
-        return self.model
+        return getattr(self, self.base_model_prefix)
 
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
@@ -183,8 +195,24 @@ class LlavaMetaForCausalLM:
         return self.get_model().mm_projector(features)
 
     def image_features(self, images, image_sizes=None) -> list[torch.Tensor]:
-        """One (n_i, D) tensor per image, anyres tiles merged per `mm_patch_merge_type`."""
+        """One (n_i, D) tensor per image, anyres tiles merged per `mm_patch_merge_type`.
+
+        With autograd off and an `image_feature_cache` attached (see `llava/model/feature_cache.py`), an image seen
+        before is not encoded again.
+        """
         per_image = _as_image_list(images)
+        cache = getattr(self, "image_feature_cache", None)
+        if cache is None or torch.is_grad_enabled():
+            return self._image_features(per_image, image_sizes)
+        model = self.get_model()
+        cache.check_weights(
+            weights_fingerprint([self.get_vision_tower(), model.mm_projector, getattr(model, "image_newline", None)])
+        )
+        # The merge of anyres tiles depends on these too, so they join every key.
+        context = tuple(str(getattr(self.config, k, None)) for k in _FEATURE_CONFIG_KEYS)
+        return cache.features(per_image, image_sizes, self._image_features, context)
+
+    def _image_features(self, per_image: list[torch.Tensor], image_sizes=None) -> list[torch.Tensor]:
         counts = [im.shape[0] for im in per_image]
         encoded = self.encode_images(torch.cat(per_image, dim=0)).split(counts, dim=0)
         merge = check_patch_merge_type(getattr(self.config, "mm_patch_merge_type", "flat") or "flat")
@@ -354,6 +382,16 @@ class LlavaMetaForCausalLM:
                     input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
                 )
             )
+        if labels is not None and past_key_values is None and position_ids is None and _right_padded(attention_mask):
+            # Causal attention never lets a real token see the padding after it, and padding carries no label, so a
+            # right-padded training batch needs no mask: SDPA / flash attention then take their fast causal path.
+            attention_mask = None
+        if labels is not None and self.training and not {"logits_to_keep", "shift_labels"} & kwargs.keys():
+            # Logits only where a label is predicted (replies: a fifth of the positions or less), not for image
+            # features and prompts: the same loss without most of the (batch, length, vocabulary) float32 logits.
+            shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            keep = shifted != IGNORE_INDEX
+            kwargs["logits_to_keep"], kwargs["shift_labels"] = keep, shifted[keep]
         kwargs.pop("return_dict", None)
         return super().forward(
             input_ids=input_ids,
@@ -397,10 +435,24 @@ class LlavaMetaForCausalLM:
         added = tokenizer.add_tokens(new_tokens, special_tokens=True)
         if added:
             resize_embeddings_to_mean(self, len(tokenizer), added)
-        if getattr(model_args, "mm_use_im_start_end", False) and getattr(model_args, "tune_mm_mlp_adapter", False):
-            # Stage 1 with start/end tokens: their input rows must learn, the output head stays frozen.
-            self.get_input_embeddings().weight.requires_grad_(True)
-            self.get_output_embeddings().weight.requires_grad_(False)
+        if not getattr(model_args, "mm_use_im_start_end", False):
+            return
+        if getattr(model_args, "tune_mm_mlp_adapter", False):
+            # Stage 1 with start/end tokens: their input rows must learn, the output head stays frozen (unless it is
+            # the input embedding itself, as in MPT).
+            inputs, outputs = self.get_input_embeddings().weight, self.get_output_embeddings().weight
+            inputs.requires_grad_(True)
+            if outputs is not inputs:
+                outputs.requires_grad_(False)
+        adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
+        if adapter:  # stage 2: the <im_start>/<im_end> rows stage 1 learned come with its projector file
+            state = torch.load(adapter, map_location="cpu", weights_only=True)
+            if not restore_token_rows(self, state, start_end_token_ids(tokenizer), adapter):
+                logger.warning(
+                    "`%s` holds no input-embedding rows (was stage 1 run without --mm_use_im_start_end?): "
+                    "<im_start>/<im_end> start from the mean embedding.",
+                    adapter,
+                )
 
 
 def resize_embeddings_to_mean(model, new_size: int, n_new: int) -> None:
@@ -409,3 +461,40 @@ def resize_embeddings_to_mean(model, new_size: int, n_new: int) -> None:
     for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         with torch.no_grad():
             emb[-n_new:] = emb[:-n_new].mean(dim=0, keepdim=True)
+
+
+# Where a stage-1 file keeps the input embedding: LLaMA-style decoders, MPT.
+EMBEDDING_KEY_SUFFIXES = (".embed_tokens.weight", ".wte.weight")
+
+
+def start_end_token_ids(tokenizer) -> list[int]:
+    """Ids of `<im_start>`, `<im_end>` in `tokenizer` (which must hold them)."""
+    ids = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"The tokenizer has no `{DEFAULT_IM_START_TOKEN}`/`{DEFAULT_IM_END_TOKEN}` tokens.")
+    return list(ids)
+
+
+def restore_token_rows(model, state: dict[str, torch.Tensor], token_ids: Sequence[int], source: str) -> bool:
+    """Copy the input-embedding rows of `token_ids` from a stage-1 state dict (`mm_projector.bin` of a run with
+    `--mm_use_im_start_end`) into `model`. The file holds either the whole embedding (as this package and the
+    original save it) or just those rows. Returns False when it holds no embedding; a misshapen one is an error."""
+    weight = model.get_input_embeddings().weight
+    own_name = next((n for n, p in model.named_parameters() if p is weight), None)
+    keys = [k for k in state if k == own_name or k.endswith(EMBEDDING_KEY_SUFFIXES)]
+    if not keys:
+        return False
+    saved = state[keys[0]]
+    if saved.shape == weight.shape:
+        rows = saved[list(token_ids)]
+    elif saved.shape == (len(token_ids), weight.shape[1]):
+        rows = saved
+    else:
+        raise ValueError(
+            f"`{source}`: `{keys[0]}` has shape {tuple(saved.shape)}, but this model's input embedding is "
+            f"{tuple(weight.shape)} (or the {len(token_ids)} added rows alone): it was trained with another "
+            "tokenizer or decoder. Use the stage-1 output of this decoder."
+        )
+    with torch.no_grad():
+        weight[list(token_ids)] = rows.to(device=weight.device, dtype=weight.dtype)
+    return True

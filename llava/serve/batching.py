@@ -5,10 +5,14 @@ sampling settings (`GenerationParams.batch_key()`), up to `max_batch_size`, and 
 `BatchDecoder`. Between steps finished or abandoned rows leave, and newly queued compatible requests join, as long
 as the oldest waiting request is compatible (so a request with other settings is never starved: the batch drains
 and its turn comes next). Each request's callback receives its growing text as it is generated.
+
+`SerialScheduler` is the original LLaVA worker's design (one HF `generate` per request behind a semaphore), kept
+as the baseline the serving benchmark measures against (`--batching off`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -229,3 +233,94 @@ class BatchScheduler:
                 more = self._take(key, self.max_batch_size - len(decoder))
                 if more:
                     self._admit(decoder, more)
+
+
+class SerialScheduler:
+    """The original worker's design, kept as the baseline for benchmarks (`--batching off`): every request runs its
+    own HF `generate` (streamed), at most `concurrency` at a time (the original's semaphore), in arrival order.
+
+    Same interface as `BatchScheduler`, so the worker can use either.
+    """
+
+    def __init__(self, engine: LlavaEngine, concurrency: int = 1, max_queue: int = 256, conv_mode: str | None = None):
+        if concurrency < 1:
+            raise ValueError(f"`concurrency`={concurrency}; it must be at least 1.")
+        self.engine = engine
+        self.max_batch_size = concurrency  # rows decoded at once: one per running `generate`
+        self.max_queue = max_queue
+        self.conv_mode = conv_mode
+        self._queue: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._running = 0
+        self._stopped = False
+        self._threads = [
+            threading.Thread(target=self._run, name=f"llava-serial-{i}", daemon=True) for i in range(concurrency)
+        ]
+        self.batches = 0
+        self.max_rows_seen = 0
+
+    def start(self) -> SerialScheduler:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"The model worker's queue is full ({len(self._queue)} requests waiting, --max-queue-size "
+                    f"{self.max_queue}); try again shortly."
+                )
+            self._queue.append(job)
+            self._cv.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue) + self._running
+
+    def _next(self) -> Job | None:
+        with self._cv:
+            while not self._stopped:
+                while self._queue and self._queue[0].cancelled.is_set():
+                    self._queue.popleft()
+                if self._queue:
+                    self._running += 1
+                    self.batches += 1
+                    self.max_rows_seen = max(self.max_rows_seen, self._running)
+                    return self._queue.popleft()
+                self._cv.wait()
+            return None
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                event = self._serve(job)
+            except Exception as err:
+                logger.exception("Generation failed for request %s", job.id)
+                event = error_event(err)
+            with self._cv:
+                self._running -= 1
+            if event is not None:
+                BatchScheduler._emit(job, event)
+
+    def _serve(self, job: Job) -> dict | None:
+        if job.params.num_beams > 1:  # `generate` cannot stream beams: one answer, as BatchScheduler does
+            text = self.engine.generate_encoded([job.request], job.params, self.conv_mode)[0]
+            usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": None}
+            return {"text": text, "error_code": 0, "finished": True, "finish_reason": "stop", "usage": usage}
+        info: dict = {}
+        text = ""
+        with contextlib.closing(self.engine.stream_encoded(job.request, job.params, self.conv_mode, usage=info)) as out:
+            for text in out:
+                if job.cancelled.is_set():
+                    return None  # the client went away; closing the stream stops `generate`
+                BatchScheduler._emit(job, {"text": text, "error_code": 0})
+        usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": info["completion_tokens"]}
+        return {"text": text, "error_code": 0, "finished": True, "finish_reason": info["finish_reason"], "usage": usage}

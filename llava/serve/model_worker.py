@@ -34,7 +34,7 @@ from llava.mm_utils import (
     get_model_name_from_path,
     load_image,
 )
-from llava.serve.batching import BatchScheduler, Job, QueueFull
+from llava.serve.batching import BatchScheduler, Job, QueueFull, SerialScheduler
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
 from llava.serve.server_utils import (
     BadJSON,
@@ -71,6 +71,7 @@ class ModelWorker:
         max_batch_size: int = 5,
         max_queue: int = 256,
         batch_wait_s: float = 0.005,
+        batching: bool = True,
         max_images: int = 8,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -86,9 +87,12 @@ class ModelWorker:
         self.max_image_pixels = max_image_pixels
         self.image_timeout = image_timeout
         self.heart_beat_interval = heart_beat_interval
-        self.scheduler = BatchScheduler(
-            engine, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
-        )
+        if batching:
+            self.scheduler = BatchScheduler(
+                engine, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
+            )
+        else:  # the original design, kept as a benchmark baseline: one `generate` per request, at most N at once
+            self.scheduler = SerialScheduler(engine, concurrency=max_batch_size, max_queue=max_queue)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be re-configured from two threads at once
         self._stop = threading.Event()
         self.registered = threading.Event()
@@ -108,6 +112,7 @@ class ModelWorker:
             else False,
             "max_images": self.max_images,
             "max_batch_size": self.scheduler.max_batch_size,
+            "batching": isinstance(self.scheduler, BatchScheduler),
         }
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -325,9 +330,15 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
             "queue_length": scheduler.queue_length,
             "batches": scheduler.batches,
             "max_batch_rows": scheduler.max_rows_seen,
+            "image_feature_cache": _cache_stats(worker.engine),
         }
 
     return BodyLimitMiddleware(app, max_request_bytes, lambda message: {"text": message, "error_code": 1})
+
+
+def _cache_stats(engine: LlavaEngine) -> dict | None:
+    cache = getattr(engine.model, "image_feature_cache", None)
+    return None if cache is None else cache.stats()
 
 
 def _device_map(device: str, num_gpus: int | None):
@@ -362,6 +373,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit-model-concurrency", type=int, default=5, help="Requests decoded at once (batch).")
     parser.add_argument("--max-queue-size", type=int, default=256, help="Waiting requests beyond this get 503.")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long a new batch waits for company.")
+    parser.add_argument(
+        "--batching",
+        choices=["on", "off"],
+        default="on",
+        help="off: the original design (one `generate` per request, --limit-model-concurrency at once), a baseline.",
+    )
+    parser.add_argument(
+        "--image-cache-mb",
+        type=float,
+        default=256,
+        help="Projected features of recently seen images kept for reuse (MiB, on the model's device); 0: off.",
+    )
     parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
@@ -373,6 +396,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("Choose one of --load-8bit and --load-4bit.")
     if args.limit_model_concurrency < 1:
         parser.error(f"--limit-model-concurrency {args.limit_model_concurrency}: must be at least 1.")
+    if args.image_cache_mb < 0:
+        parser.error(f"--image-cache-mb {args.image_cache_mb}: must be 0 (off) or more.")
     return args
 
 
@@ -393,6 +418,7 @@ def main(argv=None) -> None:
         use_flash_attn=args.use_flash_attn,
         vision_tower=args.vision_tower,
     )
+    engine.enable_image_feature_cache(int(args.image_cache_mb * 2**20))
     model_name = args.model_name or get_model_name_from_path(args.model_path)
     worker = ModelWorker(
         engine,
@@ -402,6 +428,7 @@ def main(argv=None) -> None:
         max_batch_size=args.limit_model_concurrency,
         max_queue=args.max_queue_size,
         batch_wait_s=args.batch_wait_ms / 1000,
+        batching=args.batching == "on",
         max_images=args.max_images,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,

@@ -3,11 +3,13 @@
 `ModelArguments`, `DataArguments` and `TrainingArguments` are parsed together by `HfArgumentParser`, so every flag of
 the original scripts (`--version plain`, `--tune_mm_mlp_adapter True`, `--lora_enable True`, `--bits 4`, ...) still
 works. Flags that current transformers renamed or dropped (`--evaluation_strategy`, `--warmup_ratio`,
-`--group_by_length`, `--overwrite_output_dir`) are accepted and mapped onto their current meaning.
+`--group_by_length`, `--overwrite_output_dir`, `--fsdp "full_shard auto_wrap"` with
+`--fsdp_transformer_layer_cls_to_wrap`) are accepted and mapped onto their current meaning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +50,13 @@ class ModelArguments:
         default=None, metadata={"help": "Stage-1 `mm_projector.bin` to start the projector from."}
     )
     mm_projector_type: str | None = field(default="linear", metadata={"help": "linear, mlp2x_gelu, identity, ..."})
-    mm_use_im_start_end: bool = field(default=False, metadata={"help": "Wrap each image in <im_start>/<im_end>."})
+    mm_use_im_start_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap each image in <im_start>/<im_end> (new tokens; in stage 1 their embedding rows train and are "
+            "saved in mm_projector.bin, which stage 2 restores them from)."
+        },
+    )
     mm_use_im_patch_token: bool = field(default=True, metadata={"help": "Add the <im_patch> token to the tokenizer."})
     mm_patch_merge_type: str | None = field(default="flat", metadata={"help": "flat, spatial, spatial_unpad."})
     mm_vision_select_feature: str | None = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch."})
@@ -119,6 +127,13 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh instead of resuming from the last checkpoint in output_dir."}
     )
+    fsdp_transformer_layer_cls_to_wrap: str | None = field(
+        default=None,
+        metadata={
+            "help": "Old form of `--fsdp_config '{\"transformer_layer_cls_to_wrap\": [...]}'`: the decoder layer class(es) "
+            "FSDP wraps, comma-separated (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, MptBlock)."
+        },
+    )
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
@@ -137,11 +152,54 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"`--quant_type` must be `nf4` or `fp4`, got `{self.quant_type}`.")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`--lora_bias` must be none, all or lora_only, got `{self.lora_bias}`.")
+        _fsdp_legacy_flags(self)
         self.hardware_notes = _adapt_precision_to_machine(self)
         with warnings.catch_warnings():
             # `gradient_checkpointing` is the seeds' flag; transformers 5 calls it deprecated and maps it itself.
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
             super().__post_init__()
+
+
+# `--fsdp` words of the seeds' scripts -> FSDP2 settings in `fsdp_config` (FSDP2 is what transformers 5 runs).
+FSDP_SHARDING = {"full_shard": True, "shard_grad_op": False}
+FSDP_WORDS = (*FSDP_SHARDING, "auto_wrap", "offload")
+
+
+def _fsdp_legacy_flags(args: TrainingArguments) -> None:
+    """Turn `--fsdp "full_shard auto_wrap"` + `--fsdp_transformer_layer_cls_to_wrap X` into `fsdp=True` and
+    `fsdp_config` entries, as current transformers wants them (it drops the string form and the separate flag)."""
+    if isinstance(args.fsdp, str) and args.fsdp.strip().lower() in ("true", "false", ""):
+        args.fsdp = True if args.fsdp.strip().lower() == "true" else None
+    names = args.fsdp_transformer_layer_cls_to_wrap
+    words = args.fsdp.split() if isinstance(args.fsdp, str) else []
+    if not words and not names:
+        return
+    if names and not args.fsdp:
+        raise ValueError(
+            f'`--fsdp_transformer_layer_cls_to_wrap {names}` needs FSDP; add `--fsdp "full_shard auto_wrap"`.'
+        )
+    config = args.fsdp_config
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    config = {k.removeprefix("fsdp_"): v for k, v in (config or {}).items()}
+    if names:
+        config["transformer_layer_cls_to_wrap"] = [n.strip() for n in names.split(",") if n.strip()]
+    args.fsdp_config = config
+    if int(config.get("version", 2)) != 2:
+        return  # FSDP1 (deprecated): transformers translates the words into its strategies itself
+    unknown = [w for w in words if w not in FSDP_WORDS]
+    if unknown:
+        raise ValueError(
+            f"`--fsdp {args.fsdp}`: {', '.join(unknown)} is not available with FSDP2; use "
+            f'{", ".join(FSDP_WORDS)} (or `--fsdp_config` with `"version": 1` for FSDP1\'s strategies).'
+        )
+    for word in words:
+        if word in FSDP_SHARDING:
+            config.setdefault("reshard_after_forward", FSDP_SHARDING[word])
+        elif word == "offload":
+            config["cpu_offload"] = True
+    args.fsdp = True
 
 
 def _adapt_precision_to_machine(args: TrainingArguments) -> list[str]:
@@ -160,6 +218,11 @@ def _adapt_precision_to_machine(args: TrainingArguments) -> list[str]:
         args.use_cpu = True
         suffix = " (bf16 autocast on CPU)" if args.bf16 else ""
         notes.append(f"No CUDA device: training on CPU{suffix}.")
+    if args.fsdp and args.use_cpu:
+        notes.append(
+            "--fsdp on CPU: accelerate shards models on GPUs (and other accelerators) only, so these CPU ranks run as "
+            "plain data parallelism (DDP), each holding the whole model (docs/Training.md, FSDP)."
+        )
     return notes
 
 

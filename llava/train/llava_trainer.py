@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMATS = ("projector", "lora", "full")
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_FILE = "non_lora_trainables.bin"
+# Length grouping sorts pools of this many runs (batch x ranks x accumulation) by length before cutting batches: as in
+# transformers' length-grouped sampler, large enough that padding stays a few percent of the tokens.
+LENGTH_GROUP_POOL = 50
+# Up to this many records the grouped sampler measures every sample's length with the tokenizer (seconds); larger
+# datasets use the word-count estimates, as the original does.
+EXACT_LENGTHS_MAX = 50_000
 # Fully-masked samples are judged only after this many samples (a few early ones say little).
 MASKED_CHECK_MIN_SAMPLES = 200
 
@@ -55,18 +61,35 @@ def _split_balanced(indices: list[int], lengths: Sequence[int], parts: int) -> l
 
 
 def length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, groups: int, generator: torch.Generator, subset: list[int] | None = None
+    lengths: Sequence[int],
+    batch_size: int,
+    groups: int,
+    generator: torch.Generator,
+    subset: list[int] | None = None,
+    pool: int | None = None,
 ) -> list[int]:
     """A random order of `subset` (default: all) in which each run of `batch_size * groups` holds similar lengths.
 
-    Each run is `groups` consecutive batches (one per rank and accumulation step) balanced by total length.
+    Each run is `groups` consecutive batches (one per rank and accumulation step) balanced by total length. Runs
+    are cut from pools of `pool` runs (default `LENGTH_GROUP_POOL`) sorted by length, so a batch pads to a length
+    close to its own samples'; the runs are then shuffled, except that the one holding the longest sample comes first
+    (running out of memory shows at step 1, not hours in) and a short last run stays last.
     """
     subset = list(range(len(lengths))) if subset is None else subset
     perm = [subset[i] for i in torch.randperm(len(subset), generator=generator).tolist()]
+    mega = batch_size * groups
+    runs = []
+    for chunk in _chunks(perm, mega * (pool or LENGTH_GROUP_POOL)):
+        chunk.sort(key=lambda k: -abs(lengths[k]))
+        runs += _chunks(chunk, mega)
+    last = runs.pop() if runs and len(runs[-1]) < mega else None
+    runs = [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()]
+    if runs:
+        longest = max(range(len(runs)), key=lambda r: abs(lengths[runs[r][0]]))
+        runs.insert(0, runs.pop(longest))
     out = []
-    for mega in _chunks(perm, batch_size * groups):
-        mega.sort(key=lambda k: -abs(lengths[k]))
-        for part in _split_balanced(mega, lengths, groups):
+    for run in runs + ([last] if last else []):
+        for part in _split_balanced(run, lengths, groups):
             out += part
     return out
 
@@ -208,7 +231,11 @@ class LLaVATrainer(Trainer):
         by_modality = getattr(self.args, "group_by_modality_length", False)
         by_length = self.args.train_sampling_strategy == "group_by_length"
         if (by_modality or by_length) and hasattr(dataset, "modality_lengths"):
-            lengths = dataset.modality_lengths if by_modality else dataset.lengths
+            if len(dataset) <= EXACT_LENGTHS_MAX and hasattr(dataset, "token_lengths"):
+                lengths = dataset.token_lengths()  # exact: batches pad less than with word-count estimates
+                lengths = lengths if by_modality else [abs(n) for n in lengths]
+            else:
+                lengths = dataset.modality_lengths if by_modality else dataset.lengths
             return LengthGroupedSampler(
                 batch_size=self.args.train_batch_size,
                 groups=self.args.world_size * self.args.gradient_accumulation_steps,

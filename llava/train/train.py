@@ -27,7 +27,9 @@ import torch
 import transformers
 
 from llava.conversation import conv_templates
-from llava.model.language_model import decoder_for_config
+from llava.model.builder import QUANT_SKIP_MODULES
+from llava.model.language_model import DECODERS, decoder_for_config
+from llava.model.llava_arch import start_end_token_ids
 from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.data import (
     DataCollatorForSupervisedDataset,
@@ -42,8 +44,8 @@ from llava.train.preprocess import CHAT_TEMPLATE, Preprocessor, check_version
 
 logger = logging.getLogger("llava.train")
 
-# Modules never quantized for QLoRA (names matched from the start, as transformers 5 does).
-QUANT_SKIP_MODULES = ["model.mm_projector", "model.vision_tower", "lm_head"]
+# FSDP layer class names of the original's own model code -> the transformers class that replaces it.
+LEGACY_LAYER_CLASSES = {"MPTBlock": "MptBlock"}
 
 
 # ----------------------------------------------------------------------------------------------------- model setup
@@ -118,7 +120,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, att
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=training_args.bits == 4,
             load_in_8bit=training_args.bits == 8,
-            llm_int8_skip_modules=QUANT_SKIP_MODULES,
+            llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=training_args.double_quant,
             bnb_4bit_quant_type=training_args.quant_type,
@@ -192,8 +194,20 @@ def apply_lora(model, training_args: TrainingArguments):
     return get_peft_model(model, config)
 
 
-def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> str:
-    """Freeze / unfreeze tower, projector and LLM in one place; returns the checkpoint format this implies."""
+def train_only_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Let only `rows` of an embedding matrix learn: the gradient of every other row is zeroed, so with weight decay 0
+    they keep their pretrained values (the original v0 code reset them after each step)."""
+    mask = torch.zeros(getattr(weight, "ds_shape", weight.shape)[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[rows] = 1
+    weight.register_hook(lambda grad: grad * mask.to(device=grad.device, dtype=grad.dtype))
+    logger.info("Of the input embedding only rows %s (<im_start>, <im_end>) learn.", rows)
+
+
+def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments, tokenizer=None) -> str:
+    """Freeze / unfreeze tower, projector and LLM in one place; returns the checkpoint format this implies.
+
+    Stage 1 with `--mm_use_im_start_end` also trains the `<im_start>`/`<im_end>` rows of the input embedding (only
+    those rows: pass the `tokenizer` that holds them); the stage-1 file then carries the embedding."""
     base = unwrap_llava(model)
     lora = training_args.lora_enable
     llm_trains = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone or lora)
@@ -209,7 +223,10 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
         tower_trains = tower_trains or (lora and training_args.lora_vision_tower)
         base.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
         if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end:
-            base.get_input_embeddings().weight.requires_grad_(True)  # the new <im_start>/<im_end> rows learn
+            embedding = base.get_input_embeddings().weight
+            embedding.requires_grad_(True)  # the new <im_start>/<im_end> rows learn
+            if tokenizer is not None and not llm_trains:
+                train_only_rows(embedding, start_end_token_ids(tokenizer))
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "Nothing would train: the LLM, projector and vision tower are all frozen. Check --tune_mm_mlp_adapter, "
@@ -225,6 +242,65 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
     if not llm_trains and not tower_trains and tower is not None:
         return "projector"
     return "full"
+
+
+def check_fsdp(model, training_args: TrainingArguments, checkpoint_format: str) -> None:
+    """Fail before step 1 on FSDP settings that cannot work here: a layer class to wrap that this model does not
+    have (the original's `MPTBlock` is mapped to transformers' `MptBlock`), or a run that saves only part of the
+    model (stage 1, LoRA), whose sharded weights the checkpoint writer does not gather."""
+    if checkpoint_format != "full":
+        raise ValueError(
+            f"FSDP (`--fsdp`) runs save full models; this run saves a `{checkpoint_format}` checkpoint "
+            "(stage 1 with --tune_mm_mlp_adapter, or LoRA). Run it with DeepSpeed (`--deepspeed ./scripts/zero2.json`) "
+            "or plain data parallelism (torchrun without --fsdp) instead."
+        )
+    plugin = training_args.fsdp_plugin_args or {}
+    names = plugin.get("transformer_cls_names_to_wrap")
+    if not names:
+        return  # accelerate wraps the model's `_no_split_modules` (the decoder layer)
+    base = unwrap_llava(model)
+    present = {type(m).__name__ for m in base.modules()}
+    spec = next((s for s in DECODERS.values() if isinstance(base, s.causal_lm_cls)), None)
+    fixed = []
+    for name in names.split(","):
+        name = LEGACY_LAYER_CLASSES.get(name, name)
+        if name not in present:
+            hint = f"; this model's decoder layer is `{spec.decoder_layer_cls}`" if spec else ""
+            raise ValueError(
+                f"`--fsdp_transformer_layer_cls_to_wrap {names}`: this model has no `{name}` layer{hint}. "
+                f"FSDP layer classes by decoder: {', '.join(f'{s.family}: {s.decoder_layer_cls}' for s in DECODERS.values())}."
+            )
+        fixed.append(name)
+    plugin["transformer_cls_names_to_wrap"] = ",".join(fixed)
+
+
+class FsdpReport(transformers.TrainerCallback):
+    """Logs, once the model is sharded, which modules FSDP made units of (so a wrong wrap policy shows at once)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        units = []
+        for module in model.modules() if model is not None else ():
+            if isinstance(module, FullyShardedDataParallel):  # FSDP1 wraps; FSDP2 marks the module itself
+                units.append(type(module.module).__name__)
+            elif isinstance(module, FSDPModule):  # its class became `FSDP<class>`
+                units.append(type(module).__name__.removeprefix("FSDP"))
+        counts = {name: units.count(name) for name in dict.fromkeys(units)}
+        if counts:
+            logger.info("FSDP units: %s", ", ".join(f"{name} x{n}" for name, n in counts.items()))
+        else:
+            logger.warning("FSDP units: none; the model is not sharded (accelerate shards on GPUs only).")
+
+
+def trained_template_name(version: str) -> str:
+    """The template name to record for inference. Few-shot examples baked into a template (`v0`) are not trained
+    on, so the model is recorded with the registered template that is the same without them (`llava_v0`)."""
+    template = conv_templates[version]
+    if not template.messages:
+        return version
+    bare = dataclasses.replace(template, messages=(), offset=0)
+    return next((name for name, t in conv_templates.items() if t == bare), version)
 
 
 def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
@@ -352,16 +428,20 @@ def train(
     model.config.tokenizer_padding_side = tokenizer.padding_side
     model.config.tokenizer_model_max_length = tokenizer.model_max_length
     if model_args.version in conv_templates:
-        model.config.conv_template = model_args.version
+        model.config.conv_template = trained_template_name(model_args.version)
     elif model_args.version == CHAT_TEMPLATE:
         model.config.use_tokenizer_chat_template = True  # the tokenizer saved with each checkpoint carries it
 
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
-    checkpoint_format = set_trainable(model, model_args, training_args)
+    checkpoint_format = set_trainable(model, model_args, training_args, tokenizer)
+    if training_args.fsdp:
+        check_fsdp(model, training_args, checkpoint_format)
 
     dataset = build_dataset(tokenizer, model, model_args, data_args, training_args)
     _write_run_config(model_args, data_args, training_args)
+    if training_args.fsdp:
+        callbacks = [*(callbacks or []), FsdpReport()]
     trainer = LLaVATrainer(
         model=model,
         args=training_args,

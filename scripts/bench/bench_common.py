@@ -1,0 +1,219 @@
+"""Shared pieces of the benchmark scripts: model presets built at run time, timing statistics, machine facts.
+
+The benchmark models are random-weight LLaVA checkpoints built from `llava.demo.backbones` (a locally trained
+tokenizer, a LLaMA decoder, a CLIP tower, an mlp2x_gelu projector), saved as ordinary full checkpoints, so every
+benchmark loads them through `load_pretrained_model` exactly as a user's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llava.demo.backbones import TinySizes  # noqa: E402
+
+# Model sizes by name. `tiny` is the test size (milliseconds per forward). `small` is large enough on a CPU that a
+# forward pass is dominated by matrix multiplies rather than Python overhead.
+PRESETS: dict[str, TinySizes] = {
+    "tiny": TinySizes(),
+    "small": TinySizes(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vision_hidden_size=128,
+        vision_layers=4,
+        vision_heads=4,
+        image_size=64,
+        patch_size=8,
+    ),
+    "medium": TinySizes(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vision_hidden_size=192,
+        vision_layers=6,
+        vision_heads=6,
+        image_size=112,
+        patch_size=14,
+    ),
+}
+
+
+def preset(name: str) -> TinySizes:
+    if name not in PRESETS:
+        raise SystemExit(f"Unknown model preset `{name}`; valid: {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def build_checkpoint(out_dir: str, sizes: TinySizes, seed: int = 0, conv_template: str = "llava_v1") -> str:
+    """A random-weight LLaVA full checkpoint of `sizes` under `out_dir` (reused when already built); its path."""
+    import torch
+
+    from llava.demo import backbones
+    from llava.model import DECODERS
+
+    ckpt = os.path.join(out_dir, "llava")
+    stamp = os.path.join(ckpt, "bench_sizes.json")
+    wanted = {**asdict(sizes), "seed": seed, "conv_template": conv_template}
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == wanted:
+                return ckpt
+    tok_dir, dec_dir, clip_dir = (os.path.join(out_dir, n) for n in ("tokenizer", "decoder", "clip"))
+    tokenizer = backbones.build_tokenizer(tok_dir, vocab_size=sizes.vocab_size)
+    backbones.build_decoder(dec_dir, tokenizer, sizes=sizes, seed=seed)
+    backbones.build_vision_tower(clip_dir, sizes=sizes, seed=seed)
+    model = DECODERS["llama"].causal_lm_cls.from_pretrained(dec_dir)
+    torch.manual_seed(seed)
+    model.get_model().initialize_vision_modules(vision_args(clip_dir))
+    config = model.config
+    config.image_aspect_ratio = "pad"
+    config.mm_use_im_start_end = False
+    config.mm_use_im_patch_token = False
+    config.tokenizer_padding_side = "right"
+    config.tokenizer_model_max_length = 2048
+    config.conv_template = conv_template
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    with open(stamp, "w") as f:
+        json.dump(wanted, f)
+    return ckpt
+
+
+def vision_args(tower_dir: str):
+    """The model arguments `initialize_vision_modules` reads, with LLaVA-1.5's choices."""
+    import types
+
+    return types.SimpleNamespace(
+        vision_tower=tower_dir,
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_patch_merge_type="flat",
+        mm_projector_type="mlp2x_gelu",
+        pretrain_mm_mlp_adapter=None,
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0..100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> str:
+    """One line describing where the numbers came from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    parts = [f"{cpu} x{os.cpu_count()} logical CPUs", f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+    import transformers
+
+    parts.append(f"transformers {transformers.__version__}")
+    return "; ".join(parts)
+
+
+def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Server:
+    """A server process (`python -m <module> <args>`) logging to a file; stopped with `stop()` (SIGTERM, then KILL)."""
+
+    def __init__(self, name: str, module: str, args: Sequence[str], log_dir: str, env: dict | None = None):
+        import subprocess
+        import sys
+
+        self.name = name
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self._log = open(self.log_path, "w")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=self._log, stderr=subprocess.STDOUT, env=full_env
+        )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        self._log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def wait_http(self, url: str, timeout: float = 180.0) -> None:
+        """Wait until GET `url` answers 200; fail with the log if the process dies or time runs out."""
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited (rc {self.popen.returncode}):\n{self.log_tail()}")
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} did not answer {url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self._log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def thread_env(threads: int | None) -> dict:
+    """Environment that pins a child process's intra-op threads (None: the library defaults)."""
+    if not threads:
+        return {}
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
