@@ -462,5 +462,13 @@ def train(
     return trainer
 
 
+def close_distributed() -> None:
+    """End the process group before exit: a gloo group left open can abort the process while it shuts down."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     train()
+    close_distributed()

@@ -21,10 +21,11 @@ def pick_attention() -> tuple[str, str]:
 
 
 def main() -> None:
-    from llava.train.train import train
+    from llava.train.train import close_distributed, train
 
     attn, why = pick_attention()
     train(attn_implementation=attn, attn_reason=why)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -27,4 +27,7 @@ def main(argv: list[str] | None = None, callbacks=None):
 
 
 if __name__ == "__main__":
+    from llava.train.train import close_distributed
+
     main()
+    close_distributed()
