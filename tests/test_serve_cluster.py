@@ -418,9 +418,11 @@ def test_abandoned_request_leaves_the_batch(cluster):
     worker = cluster.workers["beta"]
     payload = {"model": "beta", "prompt": llava_prompt("Hi", 0), "temperature": 0, "max_new_tokens": 1500}
     response = requests.post(worker + "/worker_generate_stream", json=payload, stream=True, timeout=30)
-    next(response.iter_content(chunk_size=None))  # generation has started
-    assert requests.get(worker + "/health", timeout=5).json()["queue_length"] == 1
-    response.close()  # the client goes away
+    # The first chunk can come late (text is held back until no later token can change it), so watch the worker's
+    # own count instead: the request is being decoded...
+    joined = lambda: requests.get(worker + "/health", timeout=5).json()["queue_length"] == 1  # noqa: E731
+    wait_until(joined, 10, "the row to join", interval=0.05)
+    response.close()  # ...then the client goes away
     wait_until(lambda: requests.get(worker + "/health", timeout=5).json()["queue_length"] == 0, 10, "the row to go")
 
 
