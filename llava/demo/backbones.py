@@ -112,8 +112,13 @@ def build_decoder(out_dir: str, tokenizer, family: str = "llama", sizes: TinySiz
     return model
 
 
-def build_vision_tower(out_dir: str, sizes: TinySizes | None = None, seed: int = 0):
-    """A randomly initialised CLIP vision encoder and its image processor, saved as an HF dir."""
+def build_vision_tower(out_dir: str, sizes: TinySizes | None = None, seed: int = 0, position_std: float | None = None):
+    """A randomly initialised CLIP vision encoder and its image processor, saved as an HF dir.
+
+    `position_std` draws the patch position embeddings at that scale instead of CLIP's initial 0.02 (which the
+    patch embeddings drown out): at about the patch embeddings' scale (1.0), every patch feature says where in the
+    image it is, as a trained CLIP's do. None keeps CLIP's own initialisation.
+    """
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     sizes = sizes or TinySizes()
@@ -128,65 +133,10 @@ def build_vision_tower(out_dir: str, sizes: TinySizes | None = None, seed: int =
     )
     torch.manual_seed(seed)
     model = CLIPVisionModel(config)
-    model.save_pretrained(out_dir)
-    side = sizes.image_size
-    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
-        out_dir
-    )
-    return model
-
-
-def build_clip(
-    out_dir: str,
-    tokenizer,
-    sizes: TinySizes | None = None,
-    seed: int = 0,
-    max_text_len: int = 32,
-    position_std: float | None = 1.0,
-):
-    """A randomly initialised dual-encoder CLIP (vision + text towers) and its image processor, saved as an HF dir.
-
-    Laid out like `openai/clip-vit-large-patch14-336`: a full `CLIPModel` checkpoint whose vision half LLaVA loads
-    as its tower. The text tower shares `tokenizer`'s vocabulary; it exists so the tower can be pretrained
-    contrastively (`llava.demo.warmup.pretrain_clip`), as CLIP was.
-
-    `position_std` draws the position embeddings at the scale of the patch embeddings instead of CLIP's initial
-    0.02, so that patch features say where in the image they are, as a trained CLIP's do (None keeps CLIP's init).
-    """
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    sizes = sizes or TinySizes()
-    vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden_size,
-        intermediate_size=sizes.vision_hidden_size * 2,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
-        projection_dim=sizes.vision_hidden_size,
-    )
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=sizes.vision_hidden_size,
-        intermediate_size=sizes.vision_hidden_size * 2,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        max_position_embeddings=max_text_len,
-        projection_dim=sizes.vision_hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=sizes.vision_hidden_size
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config)
     if position_std is not None:
         with torch.no_grad():
             _vision_embeddings(model).position_embedding.weight.normal_(0.0, position_std)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
     side = sizes.image_size
     CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         out_dir
@@ -194,9 +144,9 @@ def build_clip(
     return model
 
 
-def _vision_embeddings(clip_model):
-    """The `CLIPVisionEmbeddings` module of a `CLIPModel` (its nesting differs between transformers versions)."""
-    for module in clip_model.vision_model.modules():
+def _vision_embeddings(model):
+    """The `CLIPVisionEmbeddings` module of a CLIP model (its nesting differs between transformers versions)."""
+    for module in model.modules():
         if type(module).__name__ == "CLIPVisionEmbeddings":
             return module
-    raise ValueError("No CLIPVisionEmbeddings module in this CLIP model.")
+    raise ValueError(f"No CLIPVisionEmbeddings module in {type(model).__name__}.")

@@ -39,7 +39,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "big")
-# Cell (row, col) of the 3x3 grid -> its name; the answer to "Where is the shape?".
+# Cell (row, col) of the 3x3 grid -> its name, as captions say it ("a red circle at the top left").
 POSITIONS = (
     "top left",
     "top",
@@ -51,33 +51,25 @@ POSITIONS = (
     "bottom",
     "bottom right",
 )
+# Where a lone object is, asked one axis at a time: its column and its row of the grid.
+COLUMNS = ("left", "center", "right")
+ROWS = ("top", "middle", "bottom")
 COUNTS = ("one", "two", "three", "four")
 BACKGROUND = (245, 245, 240)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+# Share of stage-2 image questions asked plainly and answered with a sentence (what a web-UI user types).
+PLAIN_QUESTION_SHARE = 0.3
 
 # Questions whose answer is read off the image, and the answers each can have (for chance level and scoring).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
     "size": SIZES,
-    "position": POSITIONS,
+    "column": COLUMNS,
+    "row": ROWS,
     "count": COUNTS,
 }
 TEXT_CATEGORY = "text"
-# Caption-like texts per attribute, for the tiny CLIP's image-text pretraining.
-_PHRASES = {
-    "color": "a {} shape",
-    "shape": "a {}",
-    "size": "{} shapes",
-    "position": "a shape at the {}",
-    "count": "{} of them",
-}
-
-
-def phrase_options() -> dict[str, list[str]]:
-    """Every attribute's alternative texts (one of each is true of a scene; position only for one object)."""
-    return {c: [_PHRASES[c].format(a) for a in answers] for c, answers in CATEGORIES.items()}  # text-only questions: no image; answers come from the language model alone
-
 _QUESTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     # (singular phrasing, plural phrasing)
     "color": (
@@ -92,9 +84,13 @@ _QUESTIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("Is the shape big or small?", "Are the shapes big or small?"),
         ("What size is the object?", "What size are the objects?"),
     ),
-    "position": (
-        ("Where is the shape in the image?", ""),
-        ("Where is the object located?", ""),
+    "column": (
+        ("Is the shape on the left, in the center or on the right?", ""),
+        ("Is the object in the left, center or right part of the image?", ""),
+    ),
+    "row": (
+        ("Is the shape at the top, in the middle or at the bottom?", ""),
+        ("Is the object in the top, middle or bottom part of the image?", ""),
     ),
     "count": (
         ("How many shapes are there?", "How many shapes are there?"),
@@ -144,8 +140,11 @@ class Scene:
 
     def answer(self, category: str) -> str | None:
         """The ground-truth answer to a `category` question, or None when the question does not apply."""
-        if category == "position":
-            return POSITIONS[self.cells[0]] if self.count == 1 else None
+        if category in ("column", "row"):
+            if self.count != 1:
+                return None
+            row, col = divmod(self.cells[0], 3)
+            return COLUMNS[col] if category == "column" else ROWS[row]
         return {
             "color": self.color,
             "shape": self.shape,
@@ -161,10 +160,9 @@ class Scene:
             return f"a {self.size} {self.color} {noun} {where}"
         return f"{COUNTS[self.count - 1]} {self.size} {self.color} {noun}"
 
-    def phrases(self) -> dict[str, str]:
-        """A short text per attribute that is true of the scene, e.g. `{"color": "a red shape", ...}`: the tiny
-        CLIP's pretraining targets (`phrase_options` lists each attribute's alternatives)."""
-        return {c: _PHRASES[c].format(self.answer(c)) for c in CATEGORIES if self.answer(c) is not None}
+    def attributes(self) -> dict[str, str]:
+        """Every attribute the scene has a value for, e.g. `{"color": "red", "count": "two", ...}`."""
+        return {c: self.answer(c) for c in CATEGORIES if self.answer(c) is not None}
 
     def to_json(self) -> dict:
         return {"shape": self.shape, "color": self.color, "size": self.size, "cells": list(self.cells)}
@@ -180,7 +178,7 @@ class Scene:
 
 def random_scene(rng: random.Random, **fixed) -> Scene:
     """A random scene; keyword arguments (`shape`, `color`, `size`, `count`, `cell`) pin attributes."""
-    count = fixed.get("count") or rng.choice((1, 1, 2, 3, 4))  # half the scenes hold one object
+    count = fixed.get("count") or rng.choice((1, 1, 1, 2, 3, 4))  # half the scenes hold one object
     if "cell" in fixed:
         cells = (fixed["cell"],)
     else:
@@ -197,8 +195,10 @@ def scene_for_answer(category: str, answer: str, rng: random.Random) -> Scene:
     """A random scene whose answer to a `category` question is `answer` (balanced held-out sets)."""
     if category == "count":
         return random_scene(rng, count=COUNTS.index(answer) + 1)
-    if category == "position":
-        return random_scene(rng, count=1, cell=POSITIONS.index(answer))
+    if category in ("column", "row"):
+        other = rng.randrange(3)
+        row, col = (other, COLUMNS.index(answer)) if category == "column" else (ROWS.index(answer), other)
+        return random_scene(rng, count=1, cell=3 * row + col)
     return random_scene(rng, **{category: answer})
 
 
@@ -234,9 +234,28 @@ def blank_image(side: int = 192) -> Image.Image:
 # -------------------------------------------------------------------------------------------------------- questions
 
 
-def question_text(category: str, scene: Scene, rng: random.Random) -> str:
+def question_text(category: str, scene: Scene, rng: random.Random, short: bool = True) -> str:
+    """A `category` question about `scene`; `short` appends the single-word-answer instruction (as LLaVA-1.5's
+    VQA data does), otherwise the question stands alone and gets a sentence (`sentence_answer`)."""
     singular, plural = rng.choice(_QUESTIONS[category])
-    return f"{singular if scene.count == 1 else plural}\n{SHORT_ANSWER}"
+    question = singular if scene.count == 1 else plural
+    return f"{question}\n{SHORT_ANSWER}" if short else question
+
+
+_WHERE = {"left": "on the left", "right": "on the right", "center": "in the center", "middle": "in the middle"}
+
+
+def sentence_answer(category: str, scene: Scene) -> str:
+    """The answer to a plain `category` question as a sentence, e.g. "They are red." or "There are two shapes."."""
+    answer = scene.answer(category)
+    one = scene.count == 1
+    if category == "count":
+        return "There is one shape." if one else f"There are {answer} shapes."
+    if category == "shape":
+        return f"It is a {answer}." if one else f"They are {answer}s."
+    if category in ("column", "row"):
+        return f"It is {_WHERE.get(answer, 'at the ' + answer)}."
+    return f"It is {answer}." if one else f"They are {answer}."
 
 
 def applicable_categories(scene: Scene) -> list[str]:
@@ -258,7 +277,10 @@ def finetune_record(index: int, image: str, scene: Scene, rng: random.Random) ->
     """A stage-2 record: every short-answer question the image allows (3-5, shuffled), sometimes a description."""
     categories = applicable_categories(scene)
     rng.shuffle(categories)
-    turns: list[tuple[str, str]] = [(question_text(c, scene, rng), scene.answer(c)) for c in categories]
+    turns: list[tuple[str, str]] = []
+    for c in categories:  # mostly short answers (the held-out format), sometimes a plain question and a sentence
+        short = rng.random() >= PLAIN_QUESTION_SHARE
+        turns.append((question_text(c, scene, rng, short), scene.answer(c) if short else sentence_answer(c, scene)))
     if rng.random() < 0.2:
         turns.insert(rng.randint(0, len(turns)), (rng.choice(_DESCRIBE), scene.description()))
     conversations = []
@@ -435,25 +457,6 @@ def corpus_lines(*record_lists: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="playground/data/demo")
-    parser.add_argument("--train-images", type=int, default=3000)
-    parser.add_argument("--eval-per-category", type=int, default=80)
-    parser.add_argument("--text-records", type=int, default=None)
-    parser.add_argument("--image-side", type=int, default=192)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    ds = generate(
-        args.out, args.train_images, args.eval_per_category, args.text_records, args.seed, args.image_side
-    )
-    print(f"[data] wrote {ds.root}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 def read_scenes(path: str, split: str = "train") -> list[tuple[str, Scene]]:
     """(image path relative to the image folder, Scene) of one split (`train` or `eval`) from `scenes.jsonl`."""
     out = []
@@ -463,3 +466,20 @@ def read_scenes(path: str, split: str = "train") -> list[tuple[str, Scene]]:
             if row["image"].startswith(split + "/"):
                 out.append((row["image"], Scene(row["shape"], row["color"], row["size"], tuple(row["cells"]))))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="playground/data/demo")
+    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--eval-per-category", type=int, default=80)
+    parser.add_argument("--text-records", type=int, default=None)
+    parser.add_argument("--image-side", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    ds = generate(args.out, args.train_images, args.eval_per_category, args.text_records, args.seed, args.image_side)
+    print(f"[data] wrote {ds.root}")
+
+
+if __name__ == "__main__":
+    main()
