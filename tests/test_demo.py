@@ -113,6 +113,25 @@ def test_held_out_questions_are_balanced_and_in_model_vqa_format(small_dataset):
     )
 
 
+def test_llava665k_mix_varies_record_lengths_like_the_real_mix(tmp_path, small_dataset):
+    mixed = data.generate(str(tmp_path / "m"), 200, 1, seed=3, image_side=48, progress=False, mix="llava665k")
+    with open(mixed.finetune_json) as f:
+        records = json.load(f)
+    with open(small_dataset.finetune_json) as f:
+        demo = json.load(f)
+    turns = Counter(len(r["conversations"]) // 2 for r in records if "image" in r)
+    assert turns[1] > 20 and max(turns) >= 10  # single-question VQA records and many-question ones
+    text_turns = [len(r["conversations"]) // 2 for r in records if "image" not in r]
+    assert len(text_turns) == 20 and max(text_turns) > 3  # longer text-only chats than the demo mix
+    assert min(len(r["conversations"]) for r in demo if "image" in r) >= 6  # the demo mix: 3+ questions each
+    described = [
+        r for r in records if len(r["conversations"]) == 2 and data.SHORT_ANSWER not in r["conversations"][0]["value"]
+    ]
+    assert described and all(r["conversations"][1]["value"].startswith("There ") for r in described)
+    with pytest.raises(ValueError, match="Unknown stage-2 mix"):
+        data.generate(str(tmp_path / "x"), 2, 1, mix="sharegpt")
+
+
 @pytest.mark.parametrize("category", list(data.CATEGORIES))
 def test_scene_for_answer_gives_that_answer(category):
     rng = random.Random(0)
@@ -306,7 +325,7 @@ def test_reduced_pipeline_beats_blank_image_ablation(quick_run):
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Chromium (apt-get install chromium)")
 def test_demo_serves_the_trained_model_in_the_web_ui(quick_run, tmp_path):
     """`--serve-only` starts controller, worker and web server on the trained model; a question asked in headless
-    Chromium about a demo image gets an answer; Ctrl-C stops all three."""
+    Chromium about a demo image gets an answer; `kill` (SIGTERM, handled as Ctrl-C is) stops all three."""
     import re
     import signal
     import threading
@@ -339,7 +358,7 @@ def test_demo_serves_the_trained_model_in_the_web_ui(quick_run, tmp_path):
         assert "What color are the shapes?" in chat[0] and len(chat) >= 2 and chat[-1].strip(), chat
         assert Image.open(shot).size[0] == 1280
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         reader.join(timeout=10)
     assert code == 0

@@ -538,6 +538,10 @@ class Servers:
 # ------------------------------------------------------------------------------------------------------------- main
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def check(results: dict, config: DemoConfig) -> list[str]:
     """The acceptance checks that failed (empty when the demo did what it promises)."""
     failures = []
@@ -622,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_serve:
         return 1 if failures else 0
     servers = Servers(run, args.host, args.port)
+    # `kill` (SIGTERM) stops the servers as Ctrl-C does, instead of leaving them running without their parent.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         log("serving: controller, model worker, Gradio web server")
         servers.start()
