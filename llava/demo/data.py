@@ -57,6 +57,7 @@ ROWS = ("top", "middle", "bottom")
 COUNTS = ("one", "two", "three", "four")
 BACKGROUND = (245, 245, 240)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+MIXES = ("demo", "llava665k")
 # Share of stage-2 image questions asked plainly and answered with a sentence (what a web-UI user types).
 PLAIN_QUESTION_SHARE = 0.3
 
@@ -291,9 +292,42 @@ def finetune_record(index: int, image: str, scene: Scene, rng: random.Random) ->
     return {"id": f"demo-ft-{index:06d}", "image": image, "conversations": conversations}
 
 
-def text_record(index: int, rng: random.Random) -> dict:
-    """A text-only record (no image) of one to three facts."""
-    facts = rng.sample(TEXT_FACTS, rng.randint(1, 3))
+def mixed_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
+    """A stage-2 record shaped like one of the parts of llava_v1_5_mix665k, so lengths vary as they do there:
+
+    - 45 % short VQA (VQAv2, OKVQA): one to three short-answer questions;
+    - 25 % many questions per image (GQA, OCR-VQA, RefCOCO): every question the image allows, in both phrasings;
+    - 20 % conversation (LLaVA-Instruct): plain questions answered with sentences, and a description;
+    - 10 % detailed description (detail_23k): one request, a description and a sentence per attribute.
+    """
+    categories = applicable_categories(scene)
+    rng.shuffle(categories)
+    kind = rng.random()
+    if kind < 0.45:
+        turns = [(question_text(c, scene, rng), scene.answer(c)) for c in categories[: rng.randint(1, 3)]]
+    elif kind < 0.70:
+        turns = []
+        for c in categories:
+            for singular, plural in _QUESTIONS[c]:
+                turns.append((f"{singular if scene.count == 1 else plural}\n{SHORT_ANSWER}", scene.answer(c)))
+        rng.shuffle(turns)
+    elif kind < 0.90:
+        turns = [(question_text(c, scene, rng, short=False), sentence_answer(c, scene)) for c in categories]
+        turns.insert(rng.randint(0, len(turns)), (rng.choice(_DESCRIBE), scene.description()))
+    else:
+        details = " ".join(sentence_answer(c, scene) for c in categories)
+        turns = [(rng.choice(_DESCRIBE), f"{scene.description()} {details}")]
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        if i == 0:
+            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+        conversations += _turn(question, answer)
+    return {"id": f"demo-mix-{index:06d}", "image": image, "conversations": conversations}
+
+
+def text_record(index: int, rng: random.Random, max_facts: int = 3) -> dict:
+    """A text-only record (no image) of one to `max_facts` facts."""
+    facts = rng.sample(TEXT_FACTS, rng.randint(1, max_facts))
     conversations = []
     for question, answer in facts:
         conversations += _turn(f"{question}\n{SHORT_ANSWER}", answer)
@@ -381,14 +415,21 @@ def generate(
     seed: int = 0,
     image_side: int = 192,
     progress: bool = True,
+    mix: str = "demo",
 ) -> DemoDataset:
-    """Write the whole dataset to `out_dir` (replacing an earlier one there); returns its paths."""
+    """Write the whole dataset to `out_dir` (replacing an earlier one there); returns its paths.
+
+    `mix` shapes the stage-2 records: "demo" (every record asks what its image allows, 3-6 turns; what the demo
+    trains on) or "llava665k" (record kinds and lengths varying as in llava_v1_5_mix665k, see `mixed_record`, with
+    text-only records of up to 12 facts; what the training benchmark uses)."""
     from tqdm import tqdm
 
     if train_images < 1 or eval_per_category < 1:
         raise ValueError(
             f"`train_images`={train_images} and `eval_per_category`={eval_per_category} must both be at least 1."
         )
+    if mix not in MIXES:
+        raise ValueError(f"Unknown stage-2 mix `{mix}`; valid: {', '.join(MIXES)}.")
     ds = DemoDataset(out_dir)
     for sub in ("train", "eval"):
         os.makedirs(os.path.join(ds.image_folder, sub), exist_ok=True)
@@ -401,9 +442,10 @@ def generate(
         rel = f"train/{i:06d}.png"
         render(scene, rng, image_side).save(os.path.join(ds.image_folder, rel))
         pretrain.append(pretrain_record(i, rel, scene, rng))
-        finetune.append(finetune_record(i, rel, scene, rng))
+        make = finetune_record if mix == "demo" else mixed_record
+        finetune.append(make(i, rel, scene, rng))
         scenes.append({"image": rel, **scene.to_json()})
-    finetune += [text_record(i, rng) for i in range(text_records)]
+    finetune += [text_record(i, rng, 3 if mix == "demo" else 12) for i in range(text_records)]
     rng.shuffle(finetune)
     _write_json(ds.pretrain_json, pretrain)
     _write_json(ds.finetune_json, finetune)
@@ -438,6 +480,7 @@ def generate(
             "seed": seed,
             "train_images": train_images,
             "text_records": text_records,
+            "mix": mix,
             "eval_per_category": eval_per_category,
             "image_side": image_side,
             "categories": {k: list(v) for k, v in CATEGORIES.items()},
@@ -476,8 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-records", type=int, default=None)
     parser.add_argument("--image-side", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mix", default="demo", choices=MIXES, help="shape of the stage-2 records (see `generate`)")
     args = parser.parse_args(argv)
-    ds = generate(args.out, args.train_images, args.eval_per_category, args.text_records, args.seed, args.image_side)
+    ds = generate(
+        args.out, args.train_images, args.eval_per_category, args.text_records, args.seed, args.image_side, mix=args.mix
+    )
     print(f"[data] wrote {ds.root}")
 
 

@@ -1,9 +1,10 @@
 """Training benchmark: our `train()` against transformers' `LlavaForConditionalGeneration` + HF `Trainer`, same data,
 same model, same machine, same run.
 
-Both sides train stage 2 (projector and LLM learn, the vision tower is frozen) on the demo dataset
-(`llava.demo.data`: short-answer multi-turn chats about images, plus text-only records), starting from the same
-weights, for the same number of steps at the same batch size:
+Both sides train stage 2 (projector and LLM learn, the vision tower is frozen) on the demo generator's data
+(`llava.demo.data`, by default its `llava665k` mix: short VQA, many-question, conversation and detailed-description
+records about images plus text-only chats, lengths varying as in llava_v1_5_mix665k), starting from the same weights,
+for the same number of steps at the same batch size:
 
   ours      `llava.train.train.train(...)` with `--group_by_modality_length True`, as scripts/v1_5/finetune.sh
   baseline  the same model converted to `LlavaForConditionalGeneration` (`llava.model.convert_hf.build_hf_model`),
@@ -14,7 +15,7 @@ Rounds alternate ours / baseline, each run in a fresh process (so peak memory is
 over rounds: samples/s, supervised tokens/s, padding (share of the positions the decoder computes that are padding),
 peak memory, and ours / baseline.
 
-    python scripts/bench/train_throughput.py                                   # CPU: `small` model, a few minutes
+    python scripts/bench/train_throughput.py                                   # CPU: `small` model, about 12 minutes
     python scripts/bench/train_throughput.py --preset tiny --steps 3 --warmup-steps 1 --rounds 1 --train-images 40
     python scripts/bench/train_throughput.py --device cuda --preset medium --batch-size 16
     python scripts/bench/train_throughput.py --device cuda --mfu-only          # MFU of a 7B-shape stage-2 step
@@ -104,11 +105,16 @@ def prepare(args) -> dict:
     from llava.demo import data as demo
 
     work = args.work_dir
-    data_dir = os.path.join(work, f"data-{args.train_images}-{args.seed}")
+    data_dir = os.path.join(work, f"data-{args.data_mix}-{args.train_images}-{args.seed}")
     ds = demo.DemoDataset(data_dir)
     if not os.path.exists(ds.manifest):
         ds = demo.generate(
-            data_dir, train_images=args.train_images, eval_per_category=1, seed=args.seed, progress=False
+            data_dir,
+            train_images=args.train_images,
+            eval_per_category=1,
+            seed=args.seed,
+            progress=False,
+            mix=args.data_mix,
         )
     sizes = bc.preset(args.preset)
     model_dir = os.path.join(work, f"model-{args.preset}")
@@ -591,19 +597,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--train-images",
         type=int,
-        default=160,
-        help="Demo dataset size (plus 10%% text-only records); the default makes one epoch 11 full batches of 16.",
+        default=640,
+        help="Demo dataset size (plus 10%% text-only records): enough records that length grouping finds batches "
+        "of similar lengths, as it does on a real dataset (at 160, one batch holds all text-only records).",
+    )
+    p.add_argument(
+        "--data-mix",
+        default="llava665k",
+        choices=["llava665k", "demo"],
+        help="Stage-2 record shapes (llava.demo.data.generate): llava665k varies kinds and lengths as "
+        "llava_v1_5_mix665k does; demo is what the demo trains on (every record 3-6 turns).",
     )
     p.add_argument("--batch-size", type=int, default=16, help="Per device, as scripts/v1_5/finetune.sh.")
     p.add_argument(
         "--steps",
         type=int,
-        default=11,
-        help="Steps per run, warm-up included (default: one epoch, so both stacks "
-        "see exactly the same samples, each in its own order).",
+        default=22,
+        help="Steps per run, warm-up included (default: half an epoch of the default data; each stack draws its own "
+        "batches, ours with the longest one first).",
     )
     p.add_argument("--warmup-steps", type=int, default=0, help="Steps not timed at the start of each run.")
-    p.add_argument("--rounds", type=int, default=3, help="Alternating ours / baseline rounds; medians are reported.")
+    p.add_argument("--rounds", type=int, default=2, help="Alternating ours / baseline rounds; medians are reported.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="Where data and models go (default: a temp dir).")
     p.add_argument("--json-out", default=None)
