@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from llava.model.prefix_cache import PrefixKVCache, prefix_key
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class LlavaEngine:
         self.context_len = context_len
         self.conv_mode = conv_mode
         self._lock = threading.Lock()
+        self.prefix_cache: PrefixKVCache | None = None
 
     @classmethod
     def from_pretrained(
@@ -146,6 +148,12 @@ class LlavaEngine:
             return None
         self.model.image_feature_cache = ImageFeatureCache(max_bytes) if max_bytes > 0 else None
         return self.model.image_feature_cache
+
+    def enable_prefix_cache(self, max_bytes: int = 256 << 20) -> PrefixKVCache | None:
+        """Keep the decoder's keys and values of recent prompt prefixes that end with an image (up to `max_bytes`),
+        so `BatchDecoder` prefills only the question when an image is asked about again; 0 turns it off."""
+        self.prefix_cache = PrefixKVCache(self.model, max_bytes) if max_bytes > 0 else None
+        return self.prefix_cache
 
     @property
     def device(self) -> torch.device:
@@ -461,6 +469,10 @@ class BatchDecoder:
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._warpers = self._build_warpers(engine.model.generation_config, params)
         self._held_ids = engine.byte_token_ids | engine.special_token_ids
+        # Stored image prefixes are reused only where cache layers are plain (no sliding window to keep consistent).
+        self._prefix_reuse = getattr(engine, "prefix_cache", None) is not None and all(
+            type(layer) is _GrowingLayer for layer in self._new_cache().layers
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -498,10 +510,46 @@ class BatchDecoder:
                 )
         if self.rows and not self.can_join:
             raise RuntimeError("This model's KV cache cannot take new rows mid-batch; wait until the batch drains.")
+        store = self.engine.prefix_cache if self._prefix_reuse else None
+        prefixes = [
+            prefix_key(request.input_ids, request.images, IMAGE_TOKEN_INDEX) if store is not None else None
+            for _, request, _ in items
+        ]
+        found = [store.get(p[0]) if p is not None else None for p in prefixes]
+        fresh = [i for i, kv in enumerate(found) if kv is None]
+        reused = [i for i, kv in enumerate(found) if kv is not None]
+        parts = []  # (cache, mask, logits) of the fresh rows together, then of each reused-prefix row
+        if fresh:
+            parts.append(self._prefill([items[i][1] for i in fresh], [prefixes[i] for i in fresh]))
+        for i in reused:
+            parts.append(self._prefill_after(items[i][1], found[i], prefixes[i][1]))
+        items = [items[i] for i in fresh + reused]
+        cache, mask, logits = parts[0]
+        for cache_b, mask_b, logits_b in parts[1:]:
+            cache, mask = _splice_caches(cache, mask, cache_b, mask_b)
+            logits = torch.cat([logits, logits_b], dim=0)
+        engine, rows = self.engine, []
+        for (key, request, params), n_real in zip(items, mask.sum(-1).tolist()):
+            budget = max(1, min(params.max_new_tokens, engine.context_len - request.n_tokens))
+            stops = engine.stop_strings(params, self.conv_mode)
+            rows.append(_Row(key, budget, stops, request.n_tokens, position=int(n_real)))
+        if not self.rows:
+            self._cache, self._mask, self._logits = cache, mask, logits
+        else:
+            self._cache, self._mask = _splice_caches(self._cache, self._mask, cache, mask)
+            self._logits = torch.cat([self._logits, logits.to(self._logits.device)], dim=0)
+        self.rows += rows
+
+    def _new_cache(self):
         from transformers import DynamicCache
 
+        cache = DynamicCache(config=self.engine.model.config.get_text_config(decoder=True))
+        cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
+
+    def _prefill(self, requests: list[EncodedRequest], prefixes: list) -> tuple:
+        """Prefill `requests` together (left-padded); store the keys and values of their image prefixes."""
         engine, model = self.engine, self.engine.model
-        requests = [request for _, request, _ in items]
         ids, mask, pixel, sizes = engine._batch_tensors(requests)
         with torch.inference_mode():
             embeds = None
@@ -515,8 +563,7 @@ class BatchDecoder:
             mask = mask.long()
             # As `generate`: positions count real tokens only; padding sits at position 0.
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-            cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+            cache = self._new_cache()
             out = model(
                 inputs_embeds=embeds,
                 attention_mask=mask,
@@ -527,17 +574,40 @@ class BatchDecoder:
             )
             logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
             del out
-        rows = []
-        for (key, request, params), n_real in zip(items, mask.sum(-1).tolist()):
-            budget = max(1, min(params.max_new_tokens, engine.context_len - request.n_tokens))
-            stops = engine.stop_strings(params, self.conv_mode)
-            rows.append(_Row(key, budget, stops, request.n_tokens, position=int(n_real)))
-        if not self.rows:
-            self._cache, self._mask, self._logits = cache, mask, logits
-        else:
-            self._cache, self._mask = _splice_caches(self._cache, self._mask, cache, mask)
-            self._logits = torch.cat([self._logits, logits.to(self._logits.device)], dim=0)
-        self.rows += rows
+        width = mask.shape[1]
+        for row, (prefix, n_real) in enumerate(zip(prefixes, mask.sum(-1).tolist())):
+            if prefix is not None:  # columns [start, start + prefix length) of this row hold its prefix
+                start, length = width - n_real, n_real - prefix[1]
+                kv = [
+                    (layer.keys[row : row + 1, :, start : start + length].clone(),
+                     layer.values[row : row + 1, :, start : start + length].clone())
+                    for layer in cache.layers
+                ]  # fmt: skip
+                self.engine.prefix_cache.put(prefix[0], kv)
+        return cache, mask, logits
+
+    def _prefill_after(self, request: EncodedRequest, prefix_kv, n_suffix: int) -> tuple:
+        """Prefill only the ids after `request`'s image prefix, on top of that prefix's stored keys and values."""
+        model = self.engine.model
+        cache = self._new_cache()
+        for layer, (keys, values) in zip(cache.layers, prefix_kv):
+            layer.lazy_initialization(keys, values)
+            _set_cache_tensors(layer, keys, values)  # never written: the first update copies them into a buffer
+        length = prefix_kv[0][0].shape[-2]
+        device = prefix_kv[0][0].device
+        suffix = torch.tensor([request.input_ids[-n_suffix:]], dtype=torch.long, device=device)
+        mask = torch.ones(1, length + n_suffix, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = model(
+                inputs_embeds=model.get_input_embeddings()(suffix),
+                attention_mask=mask,
+                position_ids=torch.arange(length, length + n_suffix, device=device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        return cache, mask, logits
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def step(self) -> list[StepUpdate]:

@@ -137,6 +137,59 @@ def test_decoder_sampling_and_key_checks(llama_engine):
         engine.decoder(GenerationParams(temperature=0, num_beams=2))
 
 
+def test_prefix_cache_reuses_image_prefixes_exactly(engine):
+    """Asked again about the same image, a row prefills only its question on top of the stored prefix, and greedy
+    text stays what `generate` gives alone; other images, other prefixes and text-only prompts are not mixed up."""
+    engine.enable_prefix_cache(64 << 20)
+    try:
+        params = GenerationParams(temperature=0, max_new_tokens=8)
+        red, blue = make_images(1, (40, 30), 3), make_images(1, (40, 30), 4)
+        two = make_images(2, (24, 24), 5)
+        questions = ["What is it?", "Describe the colours, please.", "Is it big?"]
+        items = [(f"red{k}", engine.build_prompt(q, 1), red, params) for k, q in enumerate(questions)]
+        items += [(f"blue{k}", engine.build_prompt(q, 1), blue, params) for k, q in enumerate(questions[:2])]
+        items += [("two0", engine.build_prompt("<image> and <image>: which?", 2), two, params)]
+        items += [("two1", engine.build_prompt("<image> and <image>: same?", 2), two, params)]
+        items += [("text", engine.build_prompt("No picture here.", 0), [], params)]
+        alone = {k: engine.generate([p], [ims], prm)[0] for k, p, ims, prm in items}
+        finals, _ = run_decoder(engine, items, join_every=1, per_join=1)
+        assert {k: u.text.strip() for k, u in finals.items()} == alone
+        stats = engine.prefix_cache.stats()
+        reuse = engine.decoder(params)._prefix_reuse
+        assert reuse == ("mistral" not in engine.model.config.model_type)  # tiny Mistral: sliding-window layers
+        if reuse:
+            assert stats["entries"] == 3 and stats["hits"] == 4, stats  # red x2, blue x1, two x1
+        else:  # sliding-window cache layers: nothing reused, still exact
+            assert stats["hits"] == 0
+    finally:
+        engine.prefix_cache = None
+
+
+def test_prefix_cache_is_bounded_and_follows_the_weights(tiny):
+    import torch
+
+    from llava.model.prefix_cache import PrefixKVCache, prefix_key
+
+    model = torch.nn.Linear(2, 2)
+    cache = PrefixKVCache(model, max_bytes=3 * 40)  # three entries of 2 x 5 float32
+    kv = lambda: [(torch.zeros(1, 1, 5, 1), torch.zeros(1, 1, 5, 1))]  # noqa: E731
+    for k in range(4):
+        cache.put(("p", k), kv())
+    assert len(cache) == 3 and cache.get(("p", 0)) is None and cache.get(("p", 3)) is not None
+    cache.put(("big",), [(torch.zeros(100), torch.zeros(100))])  # larger than the budget: not kept
+    assert cache.get(("big",)) is None and cache.nbytes <= cache.max_bytes
+    with torch.no_grad():
+        model.weight.add_(1.0)  # new weights: nothing stored for the old ones is served
+    assert cache.get(("p", 3)) is None and len(cache) == 0
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    key, n_after = prefix_key([1, 5, -200, 7, 8], [image], -200)
+    assert n_after == 2 and key == prefix_key([1, 5, -200, 9], [image.copy()], -200)[0]
+    assert key != prefix_key([1, 5, -200, 9], [Image.new("RGB", (4, 4), (1, 2, 4))], -200)[0]
+    assert prefix_key([1, 5, 7], [], -200) is None and prefix_key([1, -200], [image], -200) is None
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixKVCache(model, max_bytes=-1)
+
+
 def test_stable_prefix():
     assert stable_prefix("Hello wor") == "Hello wor"
     assert stable_prefix("Hello \ufffd") == "Hello"

@@ -300,6 +300,8 @@ def test_32_concurrent_greedy_requests_equal_one_at_a_time(cluster):
     after = requests.get(c.workers["alpha"] + "/health", timeout=5).json()
     assert after["max_batch_rows"] > 1 and after["batches"] - before["batches"] < 32  # they shared forward passes
     assert after["queue_length"] == 0
+    # the images were seen in the one-at-a-time pass: their prefixes were reused, and the answers stayed exact
+    assert after["prefix_cache"]["hits"] > before["prefix_cache"]["hits"]
     # and the worker's answers are `LlavaEngine.generate`'s (same thread count as the worker: same arithmetic)
     import torch
 

@@ -294,6 +294,10 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
             try:
                 while not finished:
                     event = await events.get()
+                    # Under load the scheduler can run ahead of this stream: the text is cumulative, so only the
+                    # newest of the queued updates needs sending (an error or the final chunk is never skipped).
+                    while not event["error_code"] and not event.get("finished") and not events.empty():
+                        event = events.get_nowait()
                     finished = bool(event.get("finished"))
                     if event["error_code"]:
                         yield encode_chunk(event["text"], event["error_code"])
@@ -331,6 +335,7 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
             "batches": scheduler.batches,
             "max_batch_rows": scheduler.max_rows_seen,
             "image_feature_cache": _cache_stats(worker.engine),
+            "prefix_cache": None if worker.engine.prefix_cache is None else worker.engine.prefix_cache.stats(),
         }
 
     return BodyLimitMiddleware(app, max_request_bytes, lambda message: {"text": message, "error_code": 1})
@@ -385,6 +390,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=256,
         help="Projected features of recently seen images kept for reuse (MiB, on the model's device); 0: off.",
     )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="Decoder keys/values of recent prompt prefixes ending with an image, kept so a question about an image "
+        "seen before prefills only the question (MiB, on the model's device; with --batching on); 0: off.",
+    )
     parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
@@ -396,8 +408,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("Choose one of --load-8bit and --load-4bit.")
     if args.limit_model_concurrency < 1:
         parser.error(f"--limit-model-concurrency {args.limit_model_concurrency}: must be at least 1.")
-    if args.image_cache_mb < 0:
-        parser.error(f"--image-cache-mb {args.image_cache_mb}: must be 0 (off) or more.")
+    for flag in ("image_cache_mb", "prefix_cache_mb"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 (off) or more.")
     return args
 
 
@@ -419,6 +432,7 @@ def main(argv=None) -> None:
         vision_tower=args.vision_tower,
     )
     engine.enable_image_feature_cache(int(args.image_cache_mb * 2**20))
+    engine.enable_prefix_cache(int(args.prefix_cache_mb * 2**20))
     model_name = args.model_name or get_model_name_from_path(args.model_path)
     worker = ModelWorker(
         engine,

@@ -3,9 +3,9 @@
 Starts a controller, two model workers on one checkpoint and the OpenAI-compatible API server, then drives the
 workers with N concurrent clients over HTTP, alternating the two workers round by round:
 
-  ours      `--batching on`: continuous batching over one KV cache, image-feature cache, N rows at once
-  baseline  `--batching off --limit-model-concurrency 1 --image-cache-mb 0`: the original LLaVA worker, one HF
-            `generate` per request, one request at a time
+  ours      `--batching on`: continuous batching over one KV cache, image-feature and prefix caches, N rows at once
+  baseline  `--batching off --limit-model-concurrency 1 --image-cache-mb 0 --prefix-cache-mb 0`: the original LLaVA
+            worker, one HF `generate` per request, one request at a time
 
 Every request is greedy, so both workers must return identical text; the script checks it and exits with status 1
 if any reply differs. It also compares single-stream decoding in-process: `BatchDecoder` (the worker's path) against
@@ -362,7 +362,16 @@ def start_servers(args, ckpt: str, work: str) -> tuple[list[bc.Server], dict]:
     common += ["--heart-beat-interval", "2", "--max-queue-size", "4096"]
     flags = {
         "ours": ["--batching", "on", "--limit-model-concurrency", str(max(args.concurrency))],
-        "baseline": ["--batching", "off", "--limit-model-concurrency", "1", "--image-cache-mb", "0"],
+        "baseline": [
+            "--batching",
+            "off",
+            "--limit-model-concurrency",
+            "1",
+            "--image-cache-mb",
+            "0",
+            "--prefix-cache-mb",
+            "0",
+        ],  # fmt: skip
     }
     servers = [bc.Server("controller", "llava.serve.controller", ["--port", str(ports["controller"])], work, env)]
     for mode in ("ours", "baseline"):
@@ -515,9 +524,11 @@ def main(argv=None) -> int:
     header = ["API", "clients", "worker", "output tok/s", "req/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "speed-up"]
     print(bc.table(rows, header))
     cache = health["ours"].get("image_feature_cache") or {}
+    prefix = health["ours"].get("prefix_cache") or {}
     print(
         f"\nours: max rows decoded together {health['ours'].get('max_batch_rows')}; image-feature cache "
-        f"hits {cache.get('hits')} / misses {cache.get('misses')}"
+        f"hits {cache.get('hits')} / misses {cache.get('misses')}; prefix cache hits {prefix.get('hits')} / misses "
+        f"{prefix.get('misses')}"
     )
     print(f"identical greedy outputs (ours vs baseline, every request): {not mismatches} ({len(mismatches)} differ)")
     print(f"failed requests: {errors}")
