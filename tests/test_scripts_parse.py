@@ -30,6 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 # Set-up scripts, not recipes: they run pip / pytest and no llava program.
 ENVIRONMENT_SCRIPTS = {"setup.sh", "test.sh"}
+# The demo's entry script: set-up, then `python -m llava.demo "$@"` (tests/test_demo.py runs that module itself).
+DEMO_SCRIPT = "demo.sh"
 # Programs that are not ours, with the reason they are not parsed here.
 EXTERNAL = {"eval/eval.py": "GQA's official scorer, shipped with the GQA data (gqa.sh runs it inside that folder)"}
 # Arguments a script requires.
@@ -52,7 +54,7 @@ class Command:
 
 def recipe_scripts() -> list[str]:
     paths = sorted(glob.glob(os.path.join(SCRIPTS, "**", "*.sh"), recursive=True))
-    return [p for p in paths if os.path.basename(p) not in ENVIRONMENT_SCRIPTS]
+    return [p for p in paths if os.path.basename(p) not in ENVIRONMENT_SCRIPTS | {DEMO_SCRIPT}]
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -186,6 +188,8 @@ def test_every_script_is_covered():
     for name in ENVIRONMENT_SCRIPTS:
         text = open(os.path.join(SCRIPTS, name)).read()
         assert "-m llava" not in text and "llava/" not in text, name
+    demo = open(os.path.join(SCRIPTS, DEMO_SCRIPT)).read()
+    assert 'python -m llava.demo "$@"' in demo and "scripts/setup.sh" in demo
     used = {program_of(c.argv)[0].split(":", 1)[1] for c in COMMANDS}
     assert set(EXTERNAL) <= used, "an EXTERNAL entry no script uses any more"
     assert {"scripts/train_lightning.sh", "scripts/train_lightning_mpt.sh", "scripts/finetune_sqa.sh"} <= covered
