@@ -251,6 +251,10 @@ def test_warmup_tower_learns_and_rejects_unknown_values(tmp_path, small_dataset)
     assert open(os.path.join(clip_dir, "model.safetensors"), "rb").read() != before
     with pytest.raises(ValueError, match="not among the `options`"):
         warmup.pretrain_vision_tower(clip_dir, [(items[0][0], {"color": "plaid"})], options, steps=1)
+    before = open(os.path.join(clip_dir, "model.safetensors"), "rb").read()
+    scenes, folder = small_dataset.scenes, small_dataset.image_folder
+    warmup.main(["tower", "--model", clip_dir, "--scenes", scenes, "--image-folder", folder, "--steps", "2"])
+    assert open(os.path.join(clip_dir, "model.safetensors"), "rb").read() != before  # the command trains in place
 
 
 def test_warmup_decoder_learns_the_corpus(tmp_path, small_dataset):
@@ -274,6 +278,15 @@ def test_warmup_decoder_learns_the_corpus(tmp_path, small_dataset):
     assert trained(**batch, labels=batch["input_ids"]).loss.item() < first
     with pytest.raises(ValueError, match="no text"):
         warmup.pretrain_decoder(model_dir, ["  "], steps=1)
+    # the same step as a command of its own: python -m llava.demo.warmup decoder --model DIR --corpus FILE
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(documents))
+    log = tmp_path / "decoder_log.json"
+    before = open(os.path.join(model_dir, "model.safetensors"), "rb").read()
+    argv = ["decoder", "--model", model_dir, "--corpus", str(corpus), "--steps", "3", "--batch-size", "4"]
+    warmup.main([*argv, "--log", str(log)])
+    assert len(json.loads(log.read_text())) == 3
+    assert open(os.path.join(model_dir, "model.safetensors"), "rb").read() != before
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline

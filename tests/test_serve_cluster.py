@@ -17,21 +17,12 @@ import requests
 from serve_helpers import Proc, controller_post, free_port, generate, http_ok, png_b64, wait_until
 
 from llava.conversation import get_conv_template
+from llava.demo.screenshot import BROWSER_ARGS
 
 pytestmark = pytest.mark.slow
 
 EXPIRATION = 3.0  # the controller's heartbeat window in these tests
 CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class Cluster:

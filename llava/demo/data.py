@@ -267,6 +267,17 @@ def _turn(human: str, gpt: str) -> list[dict]:
     return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
 
 
+def _image_conversation(turns: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    """(question, answer) turns as messages; the image marker goes with the first question, before or after it, as
+    in the LLaVA mix."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        if i == 0:
+            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+        conversations += _turn(question, answer)
+    return conversations
+
+
 def pretrain_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
     """A stage-1 record: image + caption (the plain template ignores the instruction, as for LCS-558K)."""
     prompt = rng.choice(_PRETRAIN_PROMPTS)
@@ -284,12 +295,7 @@ def finetune_record(index: int, image: str, scene: Scene, rng: random.Random) ->
         turns.append((question_text(c, scene, rng, short), scene.answer(c) if short else sentence_answer(c, scene)))
     if rng.random() < 0.2:
         turns.insert(rng.randint(0, len(turns)), (rng.choice(_DESCRIBE), scene.description()))
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
-        if i == 0:  # the image marker goes with the first question, before or after it, as in the LLaVA mix
-            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-        conversations += _turn(question, answer)
-    return {"id": f"demo-ft-{index:06d}", "image": image, "conversations": conversations}
+    return {"id": f"demo-ft-{index:06d}", "image": image, "conversations": _image_conversation(turns, rng)}
 
 
 def mixed_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
@@ -317,12 +323,7 @@ def mixed_record(index: int, image: str, scene: Scene, rng: random.Random) -> di
     else:
         details = " ".join(sentence_answer(c, scene) for c in categories)
         turns = [(rng.choice(_DESCRIBE), f"{scene.description()} {details}")]
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
-        if i == 0:
-            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-        conversations += _turn(question, answer)
-    return {"id": f"demo-mix-{index:06d}", "image": image, "conversations": conversations}
+    return {"id": f"demo-mix-{index:06d}", "image": image, "conversations": _image_conversation(turns, rng)}
 
 
 def text_record(index: int, rng: random.Random, max_facts: int = 3) -> dict:

@@ -42,14 +42,22 @@ def weights_fingerprint(modules: Sequence[nn.Module | nn.Parameter | None]) -> t
     return tuple(out)
 
 
-class ImageFeatureCache:
-    """LRU map from an image's content hash to its projected features `(n_i, D)`, bounded in bytes. Thread-safe."""
+def _nbytes(value) -> int:
+    """Bytes held by a tensor, or by the tensors of a (nested) list or tuple."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
+class BoundedLRU:
+    """LRU map bounded in the bytes of its tensor values, emptied when the weights it was filled with change.
+    Thread-safe. Values are tensors or (nested) lists/tuples of tensors."""
 
     def __init__(self, max_bytes: int = 256 << 20):
         if max_bytes < 0:
             raise ValueError(f"`max_bytes`={max_bytes}; use 0 to keep nothing or a positive byte budget.")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict = OrderedDict()
         self._bytes = 0
         self._fingerprint: tuple | None = None
         self._lock = threading.Lock()
@@ -77,7 +85,7 @@ class ImageFeatureCache:
             self._entries.clear()
             self._bytes = 0
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key):
         with self._lock:
             value = self._entries.get(key)
             if value is None:
@@ -87,19 +95,19 @@ class ImageFeatureCache:
             self.hits += 1
             return value
 
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key, value) -> None:
+        size = _nbytes(value)
         if size > self.max_bytes:
             return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= old.numel() * old.element_size()
-            self._entries[key] = value.detach()
+                self._bytes -= _nbytes(old)
+            self._entries[key] = value
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.numel() * evicted.element_size()
+                self._bytes -= _nbytes(evicted)
 
     def check_weights(self, fingerprint: tuple) -> None:
         """Empty the cache if the weights it was filled with have changed since."""
@@ -108,6 +116,13 @@ class ImageFeatureCache:
                 self._entries.clear()
                 self._bytes = 0
                 self._fingerprint = fingerprint
+
+
+class ImageFeatureCache(BoundedLRU):
+    """LRU map from an image's content hash to its projected features `(n_i, D)`, bounded in bytes. Thread-safe."""
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        super().put(key, value.detach())
 
     def features(
         self,

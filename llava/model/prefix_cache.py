@@ -16,14 +16,12 @@ the very prefix the model would otherwise compute. Entries are dropped when any 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
-from llava.model.feature_cache import weights_fingerprint
+from llava.model.feature_cache import BoundedLRU, weights_fingerprint
 
 # One cached prefix: per decoder layer, keys and values of shape (1, kv_heads, prefix_len, head_dim).
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -46,66 +44,19 @@ def prefix_key(input_ids: Sequence[int], images: Sequence[Image.Image], image_to
     return (tuple(input_ids[: last + 1]), tuple(image_digest(im) for im in images)), len(input_ids) - last - 1
 
 
-class PrefixKVCache:
-    """LRU map from a prefix key to its per-layer keys and values, bounded in bytes. Thread-safe."""
+class PrefixKVCache(BoundedLRU):
+    """LRU map from a prefix key to its per-layer keys and values (`PrefixKV`), bounded in bytes, for `model`'s
+    current weights. Thread-safe."""
 
     def __init__(self, model: torch.nn.Module, max_bytes: int = 256 << 20):
-        if max_bytes < 0:
-            raise ValueError(f"`max_bytes`={max_bytes}; use 0 to keep nothing or a positive byte budget.")
+        super().__init__(max_bytes)
         self.model = model
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, PrefixKV] = OrderedDict()
-        self._bytes = 0
-        self._fingerprint: tuple | None = None
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-    def _check_weights(self) -> None:
-        fingerprint = weights_fingerprint([self.model])
-        if fingerprint != self._fingerprint:
-            self._entries.clear()
-            self._bytes = 0
-            self._fingerprint = fingerprint
 
     def get(self, key: tuple) -> PrefixKV | None:
-        with self._lock:
-            self._check_weights()
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        self.check_weights(weights_fingerprint([self.model]))
+        return super().get(key)
 
     def put(self, key: tuple, layers: PrefixKV) -> None:
         """Store `layers` (tensors the cache now owns: pass copies, not views of a live batch cache)."""
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            self._check_weights()
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return
-            self._entries[key] = layers
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old)
-
-    def stats(self) -> dict:
-        return {"entries": len(self), "bytes": self._bytes, "hits": self.hits, "misses": self.misses}
+        self.check_weights(weights_fingerprint([self.model]))
+        super().put(key, layers)
