@@ -568,7 +568,7 @@ class BatchDecoder:
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,  # as `generate` does: only the last position's logits, not (B, T, vocab)
             )
@@ -602,7 +602,7 @@ class BatchDecoder:
                 inputs_embeds=model.get_input_embeddings()(suffix),
                 attention_mask=mask,
                 position_ids=torch.arange(length, length + n_suffix, device=device)[None],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -691,7 +691,7 @@ class BatchDecoder:
                 input_ids=ids,
                 attention_mask=self._mask,
                 position_ids=positions,
-                past_key_values=self._cache,
+                cache=self._cache,
                 use_cache=True,
             )
             self._logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -790,3 +790,45 @@ def _splice_caches(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor)
         _set_cache_tensors(layer_a, keys, values)
     mask = torch.cat([pad(mask_a, 1), pad(mask_b, 1).to(mask_a.device)], dim=0)
     return cache_a, mask
+
+
+# Batching changes the shapes of the decoder's matrix products, and on some CPUs (and GPUs) the rounding follows, so a
+# row's fp32 logits in a batch equal its one-at-a-time logits only within this bound. Greedy tokens are therefore the
+# one-at-a-time tokens except where the top two logits of a step lie within it (a near tie). See docs/Performance.md.
+GREEDY_TIE_TOLERANCE = 1e-4
+
+
+def greedy_divergence(
+    engine: LlavaEngine,
+    prompt: str,
+    images: Sequence[Image.Image],
+    params: GenerationParams,
+    other: str,
+) -> tuple[str, float | None]:
+    """Check a greedy reply `other` (from a batch, a cache, a server) against this prompt's one-at-a-time reply.
+
+    Returns `(alone, margin)`: the reply generated alone and, where `other` departs from it, the gap between the
+    top two logits at the step where it departs (None when the replies agree). A departure is a rounding effect
+    only when that gap is within `GREEDY_TIE_TOLERANCE`.
+    """
+    request = engine.encode(prompt, images, 0)
+    stops = engine.stop_strings(params)
+    ids, mask, pixel, sizes = engine._batch_tensors([request])
+    kwargs = engine._generate_kwargs([request], params, ids, stops)
+    kwargs.update(do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = engine.model.generate(ids, attention_mask=mask, images=pixel, image_sizes=sizes, **kwargs)
+    tokens = out.sequences[0].tolist()
+    alone = cut_at_stop(engine.tokenizer.decode(tokens, skip_special_tokens=True), stops).strip()
+    if alone == other.strip():
+        return alone, None
+    for step, scores in enumerate(out.scores):
+        text = engine.tokenizer.decode(tokens[: step + 1], skip_special_tokens=True).strip()
+        if not other.strip().startswith(text):  # the reference's token at this step is not the one `other` took
+            top = torch.topk(scores[0].float(), 2).values
+            return alone, float(top[0] - top[1])
+    # `other` goes on where the reference stopped: a departure at the last step only if that step chose end-of-text.
+    if out.scores and tokens[-1] in (engine.tokenizer.eos_token_id, engine.tokenizer.pad_token_id):
+        top = torch.topk(out.scores[-1][0].float(), 2).values
+        return alone, float(top[0] - top[1])
+    return alone, float("inf")

@@ -91,3 +91,12 @@ def image_processor(tiny):
     from transformers import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil.from_pretrained(tiny.clip_dir)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request) -> int:
+    """Run the test with 1, then 2 intra-op threads; the previous setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -20,6 +20,8 @@ from llava.serve.batching import BatchScheduler, Job, SerialScheduler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench")
+# Batch shapes that change how matrix kernels block their work: exactness must hold for each.
+EXACTNESS_BATCHES = (1, 2, 3, 7, 16)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
 
 
@@ -58,10 +60,30 @@ def test_feature_cache_is_exact_and_encodes_each_image_once(engine):
     finally:
         hook.remove()
         model.image_feature_cache = None
-    assert calls == [2]  # two distinct images, encoded together, once
+    assert calls == [1, 1]  # two distinct images, each encoded once, on its own
     for got in (first, again):
         assert all(torch.equal(a, b) for a, b in zip(got, reference))
     assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 2 and len(cache) == 2
+
+
+@pytest.mark.parametrize("batch", EXACTNESS_BATCHES)
+def test_image_features_do_not_depend_on_the_batch(engine, threads, batch):
+    """Each image's features, cached or not, are bit for bit those it gets alone, whatever it is batched with and
+    however many threads run (matrix kernels block by batch shape, and on some CPUs the rounding follows)."""
+    model = engine.model
+    images = [picture(7 * k, size=(40 + k, 30)) for k in range(batch)]
+    with torch.inference_mode():
+        alone = [model.image_features(pixels(engine, [im]))[0] for im in images]
+        batched = model.image_features(pixels(engine, images))
+        model.image_feature_cache = ImageFeatureCache(max_bytes=64 << 20)
+        try:
+            half = model.image_features(pixels(engine, images[::2]))  # some cached, in another batch shape
+            mixed = model.image_features(pixels(engine, images))
+        finally:
+            model.image_feature_cache = None
+    assert all(torch.equal(a, b) for a, b in zip(batched, alone))
+    assert all(torch.equal(a, b) for a, b in zip(half, alone[::2]))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, alone))
 
 
 def test_feature_cache_bounds_bypass_and_invalidation(engine):

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
-from llava.inference import GenerationParams, LlavaEngine, PromptTooLongError, RequestError, cut_at_stop
+from llava.inference import (
+    GREEDY_TIE_TOLERANCE,
+    GenerationParams,
+    LlavaEngine,
+    PromptTooLongError,
+    RequestError,
+    cut_at_stop,
+    greedy_divergence,
+)
 from llava.model.builder import load_pretrained_model
 
 
@@ -41,6 +50,73 @@ def test_batched_equals_single_greedy(engine):
     alone = [engine.generate([p], [i], params)[0] for p, i in zip(prompts, ims)]
     assert batched == alone
     assert all(isinstance(t, str) for t in batched)
+
+
+# Batch shapes that change how matrix kernels block their work: the claims below must hold for each.
+EXACTNESS_BATCHES = (1, 2, 3, 7, 16)
+QUESTIONS = ["What is it?", "Describe the colours, please.", "Is it big?", "Say something without an image.", "hi"]
+
+
+def mixed_requests(engine, n):
+    """`n` different requests: one or two images of varied sizes, or none."""
+    prompts, ims = [], []
+    for k in range(n):
+        n_images = (1, 1, 0, 2)[k % 4]
+        question = QUESTIONS[k % len(QUESTIONS)]
+        if n_images == 2:
+            question = "<image> and <image>: " + question
+        prompts.append(engine.build_prompt(question, n_images))
+        ims.append([Image.new("RGB", (30 + 7 * k + j, 30), (37 * k % 255, 90 + j, 200)) for j in range(n_images)])
+    return prompts, ims
+
+
+def assert_greedy_matches_alone(engine, prompts, ims, params, replies):
+    """Each reply is the one-at-a-time greedy reply, or departs from it only at a near tie of the top two logits."""
+    for prompt, images, reply in zip(prompts, ims, replies):
+        alone, margin = greedy_divergence(engine, prompt, images, params, reply)
+        assert margin is None or margin <= GREEDY_TIE_TOLERANCE, (reply, alone, margin)
+
+
+@pytest.mark.parametrize("batch", EXACTNESS_BATCHES)
+def test_batched_generate_and_decoder_equal_single(engine, threads, batch):
+    """Batched `generate` and the step-wise decoder against one-at-a-time, with 1 and 2 threads and batch shapes that
+    change the kernels' blocking: the prompt logits agree within the stated tolerance, and greedy replies are the
+    one-at-a-time replies (a departure would have to be a near tie, which `greedy_divergence` measures)."""
+    params = GenerationParams(temperature=0, max_new_tokens=6)
+    prompts, ims = mixed_requests(engine, batch)
+    requests = [engine.encode(p, i, 0) for p, i in zip(prompts, ims)]
+
+    def last_logits(reqs):
+        ids, mask, pixel, sizes = engine._batch_tensors(reqs)
+        with torch.inference_mode():
+            _, _, mask, _, embeds, _ = engine.model.prepare_inputs_labels_for_multimodal(
+                ids, None, mask, None, None, pixel, sizes, padding_side="left"
+            )
+            if embeds is None:
+                embeds = engine.model.get_input_embeddings()(ids)
+            mask = mask.long()
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            return engine.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+    together = last_logits(requests)
+    alone = torch.cat([last_logits([r]) for r in requests])
+    assert float((together - alone).abs().max()) <= GREEDY_TIE_TOLERANCE
+    assert_greedy_matches_alone(engine, prompts, ims, params, engine.generate(prompts, ims, params))
+    decoder = engine.decoder(params)
+    decoder.add([(k, r, params) for k, r in enumerate(requests)])
+    finals = {}
+    while decoder:
+        finals.update({u.key: u.text for u in decoder.step() if u.finished})
+    assert_greedy_matches_alone(engine, prompts, ims, params, [finals[k] for k in range(batch)])
+
+
+def test_greedy_divergence_measures_the_departure(engine):
+    params = GenerationParams(temperature=0, max_new_tokens=6)
+    prompt, ims = engine.build_prompt("What is it?", 1), images(1)
+    alone = engine.generate([prompt], [ims], params)[0]
+    assert greedy_divergence(engine, prompt, ims, params, alone) == (alone, None)
+    text, margin = greedy_divergence(engine, prompt, ims, params, "\u00a7" + alone)  # departs at the first token
+    assert text == alone and margin is not None and margin >= 0
 
 
 def test_stream_ends_with_generate_output(engine):

@@ -213,8 +213,14 @@ class LlavaMetaForCausalLM:
         return cache.features(per_image, image_sizes, self._image_features, context)
 
     def _image_features(self, per_image: list[torch.Tensor], image_sizes=None) -> list[torch.Tensor]:
-        counts = [im.shape[0] for im in per_image]
-        encoded = self.encode_images(torch.cat(per_image, dim=0)).split(counts, dim=0)
+        if torch.is_grad_enabled():  # training: one batched call, the fastest
+            counts = [im.shape[0] for im in per_image]
+            encoded = self.encode_images(torch.cat(per_image, dim=0)).split(counts, dim=0)
+        else:
+            # Inference: each image on its own, so its features never depend on what it is batched with (matrix
+            # kernels pick their blocking from the batch shape, and on some CPUs the rounding follows). This is what
+            # makes the image-feature cache and batched serving give one-at-a-time features bit for bit.
+            encoded = [self.encode_images(im) for im in per_image]
         merge = check_patch_merge_type(getattr(self.config, "mm_patch_merge_type", "flat") or "flat")
         out = []
         for i, feats in enumerate(encoded):  # feats: (k, P, D)
@@ -376,13 +382,20 @@ class LlavaMetaForCausalLM:
         image_sizes=None,
         **kwargs,
     ):
+        # transformers >= 5.25 names the KV cache `cache` (`past_key_values` goes away in 5.40); `past_key_values` is
+        # still accepted here, from callers written for the original LLaVA, and passed on under the new name.
+        cache = kwargs.pop("cache", None)
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the KV cache once: as `cache` (transformers 5.25+), not also `past_key_values`.")
+            cache = past_key_values
         if inputs_embeds is None and input_ids is not None:
-            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
+            (input_ids, position_ids, attention_mask, cache, inputs_embeds, labels) = (
                 self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                    input_ids, position_ids, attention_mask, cache, labels, images, image_sizes
                 )
             )
-        if labels is not None and past_key_values is None and position_ids is None and _right_padded(attention_mask):
+        if labels is not None and cache is None and position_ids is None and _right_padded(attention_mask):
             # Causal attention never lets a real token see the padding after it, and padding carries no label, so a
             # right-padded training batch needs no mask: SDPA / flash attention then take their fast causal path.
             attention_mask = None
@@ -397,7 +410,7 @@ class LlavaMetaForCausalLM:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
