@@ -257,6 +257,36 @@ def test_warmup_tower_learns_and_rejects_unknown_values(tmp_path, small_dataset)
     assert open(os.path.join(clip_dir, "model.safetensors"), "rb").read() != before  # the command trains in place
 
 
+def test_warmup_tower_patch_targets_say_what_is_where(tmp_path, small_dataset):
+    """With the scenes' cells, each patch is also classified on its own (which cell it shows / empty, its colour /
+    empty): the position information a mean over the patches throws away."""
+    from llava.demo import warmup
+
+    sizes = backbones.TinySizes(vision_hidden_size=32, vision_layers=2, image_size=48, patch_size=16)
+    clip_dir = str(tmp_path / "clip")
+    tower = backbones.build_vision_tower(clip_dir, sizes=sizes, position_std=1.0)
+    options = {k: list(v) for k, v in data.CATEGORIES.items()}
+    items = [("a.png", {"color": "blue"}), ("b.png", {"color": "red"})]
+    where, color = warmup._patch_targets(items, [(5,), (0, 8)], options, tower.config, grid=3)
+    empty = 9
+    assert where.tolist() == [[empty] * 5 + [5] + [empty] * 3, [0] + [empty] * 7 + [8]]
+    blue, red, none = options["color"].index("blue"), options["color"].index("red"), len(options["color"])
+    assert color.tolist() == [[none] * 5 + [blue] + [none] * 3, [red] + [none] * 7 + [red]]
+    with pytest.raises(ValueError, match="outside the 3x3 grid"):
+        warmup._patch_targets(items, [(9,), (0,)], options, tower.config, grid=3)
+    with pytest.raises(ValueError, match="one list of cells per item"):
+        warmup._patch_targets(items, [(1,)], options, tower.config, grid=3)
+
+    items = warmup.scene_items(small_dataset.scenes, small_dataset.image_folder)
+    cells = warmup.scene_cells(small_dataset.scenes)
+    assert len(cells) == len(items) and all(1 <= len(c) <= 4 for c in cells)
+    history = warmup.pretrain_vision_tower(
+        clip_dir, items, options, steps=120, batch_size=32, cells=cells, progress=False
+    )
+    first, last = sum(h["loss"] for h in history[:10]) / 10, sum(h["loss"] for h in history[-10:]) / 10
+    assert last < 0.5 * first
+
+
 def test_warmup_decoder_learns_the_corpus(tmp_path, small_dataset):
     from transformers import AutoModelForCausalLM
 
@@ -306,6 +336,44 @@ def test_pipeline_config_overrides_and_checks():
     assert len(pipeline.check(bad, default)) == 2
 
 
+# The quick preset takes about 2 minutes on an idle 2-core machine and many times that on a busy one. It is judged
+# on progress, not on a total: it fails when its output (progress bars, per-step training logs) stops for this long.
+QUICK_STALL_S = 900
+
+
+def run_with_progress(cmd: list[str], stall_s: float = QUICK_STALL_S) -> tuple[int, str]:
+    """Run `cmd`, reading its output as it comes; (exit status, output). Fails the test if no output arrives for
+    `stall_s` seconds (the process is then stopped, by its pid)."""
+    import queue
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:
+        while chunk := proc.stdout.read1(65536):
+            chunks.put(chunk)
+        chunks.put(b"")
+
+    threading.Thread(target=read, daemon=True).start()
+    output = []
+    try:
+        while True:
+            try:
+                chunk = chunks.get(timeout=stall_s)
+            except queue.Empty:
+                text = b"".join(output).decode(errors="replace")
+                pytest.fail(f"`{' '.join(cmd)}` printed nothing for {stall_s:.0f}s. Last output:\n{text[-3000:]}")
+            if not chunk:
+                break
+            output.append(chunk)
+        return proc.wait(), b"".join(output).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """The quick preset through the real entry points (train.py twice, model_vqa_loader three times), once."""
@@ -314,9 +382,9 @@ def quick_run(tmp_path_factory):
         sys.executable, "-m", "llava.demo", "--preset", "quick", "--no-serve",
         "--data-dir", str(root / "data"), "--output-dir", str(root / "out"),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, proc.stdout
+    code, output = run_with_progress(cmd)
+    assert code == 0, output[-6000:]
+    return root, output
 
 
 @pytest.mark.slow

@@ -71,6 +71,9 @@ class DemoConfig:
     tower_warmup_steps: int = 600
     tower_warmup_lr: float = 3e-3
     position_std: float = 1.0
+    # per-patch targets in the tower warm-up (which cell / colour each patch shows): position survives into the
+    # image tokens; 0 trains on the mean patch feature only (what the first version of the demo did)
+    tower_patch_targets: int = 1
     # stage 1: projector only, frozen decoder and tower (LLaVA-1.5: 1 epoch, batch 256, lr 1e-3)
     stage1_epochs: float = 1.0
     stage1_batch_size: int = 32
@@ -301,7 +304,13 @@ def step_warmup(run: Run, dataset) -> None:
     items = warmup.scene_items(dataset.scenes, dataset.image_folder)
     options = {k: list(v) for k, v in CATEGORIES.items()}
     history = warmup.pretrain_vision_tower(
-        run.paths.clip, items, options, c.tower_warmup_steps, lr=c.tower_warmup_lr, seed=c.seed
+        run.paths.clip,
+        items,
+        options,
+        c.tower_warmup_steps,
+        lr=c.tower_warmup_lr,
+        seed=c.seed,
+        cells=warmup.scene_cells(dataset.scenes) if c.tower_patch_targets else None,
     )
     run.curves["warm-up: tiny vision tower (demo only)"] = [(h["step"], h["loss"]) for h in history]
 
@@ -538,6 +547,16 @@ class Servers:
 # ------------------------------------------------------------------------------------------------------------- main
 
 
+def configure_threads(threads: int) -> None:
+    """Use `threads` intra-op threads here and in every subprocess the demo starts (they inherit the environment)."""
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+    log(f"{threads} intra-op thread(s)")
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -566,11 +585,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860, help="web UI port (another free one if taken)")
     parser.add_argument("--serve-only", action="store_true", help="serve an already trained demo model")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op CPU threads for every step (sets OMP_NUM_THREADS/MKL_NUM_THREADS for the subprocesses);\n"
+        "default: torch's and the environment's choice",
+    )
     for f in dataclasses.fields(DemoConfig):
         if f.name == "sizes":
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}.")
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(DemoConfig)
@@ -582,6 +610,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
+    if args.threads is not None:
+        configure_threads(args.threads)
     run = Run(config, Paths(args.data_dir, args.output_dir))
     start = time.time()
     if not args.serve_only:

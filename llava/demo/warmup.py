@@ -5,7 +5,9 @@ where. The demo's tiny backbones are randomly initialised, so before the LLaVA r
 
 - the decoder reads the dataset's text as a plain language-model corpus (`pretrain_decoder`), as Vicuna read text
   before LLaVA; without it, stage 1 (projector only, frozen decoder) has no language model to align to;
-- the vision tower learns to see what the captions talk about (`pretrain_vision_tower`).
+- the vision tower learns to see what the captions talk about (`pretrain_vision_tower`): what the image shows
+  (from the mean of its patch features) and what each patch shows, and where (from each patch feature), so that
+  the image tokens LLaVA passes to the decoder say where the objects are, as a trained CLIP's patch features do.
 
 The recipe that follows (stage 1, stage 2, frozen tower) is unchanged.
 
@@ -75,14 +77,22 @@ def pretrain_vision_tower(
     seed: int = 0,
     progress: bool = True,
     select_layer: int = -2,
+    cells: Sequence[Sequence[int]] | None = None,
+    grid: int = 3,
 ) -> list[dict]:
     """Teach the vision tower in `model_dir` to see what the captions say; saved back in place.
 
     `items` are (image path, {attribute: the true option}) and `options[attribute]` lists each attribute's
     alternatives (colour names, shapes, ...). The tower's features are read the way LLaVA reads them, the patch
-    features of layer `select_layer` (`--mm_vision_select_layer`), here averaged over the patches; one linear
-    classifier per attribute on that average is trained with the tower, then thrown away. A minimal stand-in for
-    CLIP's image-text pretraining, whose targets are the same words.
+    features of layer `select_layer` (`--mm_vision_select_layer`); one linear classifier per attribute on their
+    average is trained with the tower, then thrown away. A minimal stand-in for CLIP's image-text pretraining, whose
+    targets are the same words.
+
+    An average over the patches keeps what is in the image but not where. With `cells` (per item, the occupied
+    cells of the scene's `grid` x `grid` layout, row-major) each patch feature is also classified on its own, by
+    two shared linear heads: which cell it shows if an object is there, else "empty" (so an object's patch feature
+    says where it is), and the object's colour there, else "empty". The cell of a patch is the one holding its
+    centre.
     """
     from PIL import Image
     from tqdm import tqdm
@@ -111,18 +121,61 @@ def pretrain_vision_tower(
         batch = [Image.open(path).convert("RGB") for path, _ in items[start : start + 256]]
         pixels.append(processor.preprocess(batch, return_tensors="pt")["pixel_values"])
     pixels = torch.cat(pixels)
+    patch_heads = torch.nn.ModuleList()
+    if cells is not None:
+        where, color = _patch_targets(items, cells, options, model.config, grid)
+        patch_heads.append(torch.nn.Linear(model.config.hidden_size, grid * grid + 1))
+        patch_heads.append(torch.nn.Linear(model.config.hidden_size, len(options["color"]) + 1))
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.tensor(rng.sample(range(len(items)), min(batch_size, len(items))))
         hidden_states = model(pixel_values=pixels[idx], output_hidden_states=True).hidden_states
-        pooled = hidden_states[select_layer][:, 1:].mean(1)  # (B, C), CLS dropped as LLaVA drops it
+        patches = hidden_states[select_layer][:, 1:]  # (B, P, C), CLS dropped as LLaVA drops it
+        pooled = patches.mean(1)
         losses = [F.cross_entropy(head(pooled), targets[idx, j]) for j, head in enumerate(heads)]
+        for head, target in zip(patch_heads, (where, color) if cells is not None else ()):
+            losses.append(F.cross_entropy(head(patches).flatten(0, 1), target[idx].flatten()))
         return torch.stack([x for x in losses if not x.isnan()]).mean()
 
-    history = _loop([*model.parameters(), *heads.parameters()], loss_fn, steps, lr, "[warm-up] tower", progress)
+    params = [*model.parameters(), *heads.parameters(), *patch_heads.parameters()]
+    history = _loop(params, loss_fn, steps, lr, "[warm-up] tower", progress)
     model.eval()
     model.save_pretrained(model_dir)
     return history
+
+
+def _patch_targets(
+    items: Sequence[tuple[str, dict[str, str]]],
+    cells: Sequence[Sequence[int]],
+    options: dict[str, Sequence[str]],
+    config,
+    grid: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch targets (N, patches) of `pretrain_vision_tower`: the patch's cell index (0 .. grid*grid-1) where an
+    object is in it, else grid*grid; the object's colour index there, else the number of colours."""
+    if len(cells) != len(items):
+        raise ValueError(f"`cells` has {len(cells)} entries for {len(items)} items; give one list of cells per item.")
+    if "color" not in options:
+        raise ValueError("Per-patch targets need a `color` attribute among the `options`.")
+    side = config.image_size // config.patch_size
+    # the cell (row-major, `grid` x `grid`) that holds each patch's centre
+    patch_cell = [
+        int((r + 0.5) * grid / side) * grid + int((c + 0.5) * grid / side) for r in range(side) for c in range(side)
+    ]
+    empty_color = len(options["color"])
+    where = torch.full((len(items), side * side), grid * grid, dtype=torch.long)
+    color = torch.full((len(items), side * side), empty_color, dtype=torch.long)
+    for i, ((path, truth), occupied) in enumerate(zip(items, cells)):
+        bad = [c for c in occupied if not 0 <= c < grid * grid]
+        if bad:
+            raise ValueError(f"Cells {bad} of `{path}` are outside the {grid}x{grid} grid (0 .. {grid * grid - 1}).")
+        if "color" not in truth:
+            raise ValueError(f"`{path}` has cells but no `color`; per-patch targets need the objects' colour.")
+        for p, cell in enumerate(patch_cell):
+            if cell in occupied:
+                where[i, p] = cell
+                color[i, p] = list(options["color"]).index(truth["color"])
+    return where, color
 
 
 def pretrain_decoder(
@@ -179,6 +232,13 @@ def scene_items(scenes_file: str, image_folder: str) -> list[tuple[str, dict[str
     return [(os.path.join(image_folder, rel), scene.attributes()) for rel, scene in read_scenes(scenes_file, "train")]
 
 
+def scene_cells(scenes_file: str) -> list[tuple[int, ...]]:
+    """The occupied grid cells of each training image of `scenes.jsonl`, in `scene_items`' order."""
+    from llava.demo.data import read_scenes
+
+    return [scene.cells for _, scene in read_scenes(scenes_file, "train")]
+
+
 def main(argv: list[str] | None = None) -> None:
     from llava.demo.data import CATEGORIES
 
@@ -200,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "tower":
         items = scene_items(args.scenes, args.image_folder)
         options = {k: list(v) for k, v in CATEGORIES.items()}
-        history = pretrain_vision_tower(args.model, items, options, args.steps, args.batch_size, args.lr, args.seed)
+        history = pretrain_vision_tower(
+            args.model, items, options, args.steps, args.batch_size, args.lr, args.seed, cells=scene_cells(args.scenes)
+        )
     else:
         with open(args.corpus) as f:
             documents = f.read().splitlines()
