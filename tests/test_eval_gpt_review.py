@@ -19,7 +19,7 @@ from llava.eval.judge import DEFAULT_JUDGE_MODEL, SYSTEM_PROMPT, JudgeError, loa
 # Canned judge replies, picked by a marker in the question text. Q4's reply has no scores on its first line.
 CANNED = {
     "Q1": "8 6\nAssistant 1 is more precise.",
-    "Q2": "10, 9\nBoth are good.",
+    "Q2": "10,9\nBoth are good.",  # "10, 9" would score [-1, -1], as in the original (see test_parse_score)
     "Q3": "6 3\nAssistant 2 misses details.",
     "Q4": "Both answers are reasonable, I would give them 7 and 7.",
 }
@@ -123,11 +123,43 @@ def visual_args(files, output, base_url, *extra) -> list[str]:
 
 
 def test_parse_score():
+    # Default: the original scripts' rule (issue 12 item 8; tests/compat/test_eval_compat.py runs the original's own).
     assert parse_score("8 7\nbecause") == [8.0, 7.0]
-    assert parse_score("8, 7.5") == [8.0, 7.5]
-    assert parse_score("**9 6**\nwhy") == [9.0, 6.0]
+    assert parse_score("8,7.5") == [8.0, 7.5]
     for bad in ("", "8", "Scores: 8 and 7", "8/10 7/10", "eight seven", None):
         assert parse_score(bad) == [-1, -1]
+        assert parse_score(bad, lenient=True) == [-1, -1]
+    # First lines the original scores [-1, -1]; only --lenient-scores reads them.
+    for loose, scores in (
+        ("8, 6", [8.0, 6.0]),
+        ("8  6", [8.0, 6.0]),
+        (" 8 6", [8.0, 6.0]),
+        ("8\t6", [8.0, 6.0]),
+        ("**9 6**\nwhy", [9.0, 6.0]),
+        ("8, 7.5", [8.0, 7.5]),
+    ):
+        assert parse_score(loose) == [-1, -1]
+        assert parse_score(loose, lenient=True) == scores
+
+
+def test_system_message_is_the_originals():
+    assert SYSTEM_PROMPT == "You are a helpful and precise assistant for checking the quality of the answer."
+
+
+def test_lenient_scores_are_recorded_and_not_mixed(tmp_path):
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "text": "Q1 say hi", "category": "writing"}])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "hi"}])
+    out = tmp_path / "r.jsonl"
+    base = ["-q", q, "-a", a, a, "-o", str(out), "--api-key", "k"]
+    with JudgeServer(lambda c: "8, 6\nfine") as server:
+        eval_gpt_review.main([*base, "--api-base", server.base_url])
+        review = read_jsonl(out)[0]
+        assert review["tuple"] == [-1, -1] and review["score_parser"] == "original"
+        eval_gpt_review.main([*base, "--api-base", server.base_url, "--lenient-scores", "--overwrite"])
+        review = read_jsonl(out)[0]
+        assert review["tuple"] == [8.0, 6.0] and review["score_parser"] == "lenient"
+        with pytest.raises(JudgeError, match="score parser"):
+            eval_gpt_review.main([*base, "--api-base", server.base_url])
 
 
 def test_rule_file_keeps_the_original_keys_and_contract():
@@ -239,6 +271,31 @@ def test_bench_and_text_reviews_pick_their_rules(judge, tmp_path, monkeypatch):
     assert contents["Q1"].endswith(f"[System]\n{rules['llava_bench_conv']['prompt']}\n\n")
     assert judge.requests[0]["auth"] == "Bearer EMPTY"
 
+    # Captions given as a list reach the judge one per line, as the original joins them (issue 12 item 9).
+    write_jsonl(context, [{"image": f"COCO_{k}.jpg", "caption": [f"First {k}.", f"Second {k}."]} for k in range(2)])
+    n = len(judge.requests)
+    eval_gpt_review_bench.main(
+        [
+            "-q",
+            files["question"],
+            "-c",
+            context,
+            "-a",
+            files["ref"],
+            files["ours"],
+            "-o",
+            str(tmp_path / "list.jsonl"),
+            "--api-base",
+            judge.base_url,
+            "--retry-delay",
+            "0",
+            "--judge-model",
+            "local-judge",
+        ]
+    )
+    listed = {marker(r["messages"][1]["content"]): r["messages"][1]["content"] for r in judge.requests[n:]}
+    assert listed["Q1"].startswith("[Context]\nFirst 0.\nSecond 0.\n\n[Question]\nQ1")
+
     text_out = tmp_path / "text.jsonl"
     eval_gpt_review.main(
         [
@@ -268,7 +325,10 @@ def test_text_review_falls_back_to_default_rule(judge, tmp_path):
     out = tmp_path / "r.jsonl"
     eval_gpt_review.main(["-q", q, "-a", a, a, "-o", str(out), "--api-base", judge.base_url, "--api-key", "k"])
     review = read_jsonl(out)[0]
-    assert review["category"] == "default" and review["tuple"] == [8.0, 6.0]
+    # The rule is `default`, but the review records the question's category, as the original did (issue 12 item 10).
+    assert review["category"] == "writing" and review["tuple"] == [8.0, 6.0]
+    assert review["judge_model"] == "gpt-4"  # the original eval_gpt_review.py's judge
+    assert review["rule_sha256"] == hashlib.sha256(load_rules()["default"]["prompt"].encode()).hexdigest()[:16]
     assert review["answer1_id"] == 1  # no answer_id: the question_id stands in, as in the original
 
 

@@ -8,7 +8,8 @@
                       playground/data/eval/llava-bench-in-the-wild/answers/llava-v1.5-13b.jsonl \
         --output playground/data/eval/llava-bench-in-the-wild/reviews/llava-v1.5-13b.jsonl
 
-The context file has `{"image", "caption"}` per image; a question's category X uses the rule `llava_bench_X`.
+The context file has `{"image", "caption"}` per image (a list of captions is joined one per line); a question's
+category X uses the rule `llava_bench_X`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(
                 f"Question {question['question_id']}: image `{question['image']}` not in `{args.context}`."
             )
-        return f"[Context]\n{contexts[question['image']]['caption']}\n\n"
+        caption = contexts[question["image"]]["caption"]
+        if isinstance(caption, list):  # several captions: one per line, as the original joins them
+            caption = "\n".join(caption)
+        return f"[Context]\n{caption}\n\n"
 
     rules = load_rules(args.rule)
     jobs = build_jobs(args, rules, lambda q: "llava_bench_" + q["category"], context_for)
-    return run_reviews(jobs, judge_from_args(args), args.output, args.parallel, args.overwrite)
+    return run_reviews(jobs, judge_from_args(args), args.output, args.parallel, args.overwrite, args.lenient_scores)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rules = load_rules(args.rule)
     jobs = build_jobs(args, rules, lambda q: q["category"], context_for)
-    return run_reviews(jobs, judge_from_args(args), args.output, args.parallel, args.overwrite)
+    return run_reviews(jobs, judge_from_args(args), args.output, args.parallel, args.overwrite, args.lenient_scores)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The three review scripts (eval_gpt_review, eval_gpt_review_visual, eval_gpt_revi
 context they show the judge and in how a question's category picks its rule in rule.json; this module holds the
 rest. Any OpenAI-compatible server can judge: `--api-base` or `OPENAI_BASE_URL` points the `openai` client at it.
 Each review record is the original's `{id, question_id, answer1_id, answer2_id, category, content, tuple}` plus
-`judge_model` and `rule_sha256` (the hash of the rule prompt), so scores from different judges are never mixed.
+`judge_model`, `rule_sha256` (the hash of the rule prompt) and `score_parser` (`original`, or `lenient` under
+`--lenient-scores`), so scores from different judges, rules or parsers are never mixed. The system message and the
+score parsing are the original scripts' own, so the original rule.json gives like-for-like reviews.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-DEFAULT_JUDGE_MODEL = "gpt-4-0314"  # the judge of the LLaVA papers' numbers
+DEFAULT_JUDGE_MODEL = "gpt-4-0314"  # the judge of the LLaVA papers' numbers (eval_gpt_review.py: `gpt-4`, as it was)
 DEFAULT_RULE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "table", "rule.json")
-SYSTEM_PROMPT = "You are a careful, impartial reviewer who checks how good the answers to a question are."
+# The original review scripts' system message, byte for byte: it is part of what the judge sees.
+SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 INVALID_SCORE = [-1, -1]
 
 
@@ -63,11 +66,17 @@ def answers_block(question: str, answer1: str, answer2: str, role: str, prompt: 
     )
 
 
-def parse_score(review: str) -> list[float]:
-    """The two scores on the review's first line ("8 7", "8, 7"); [-1, -1] when that line is anything else."""
+def parse_score(review: str, lenient: bool = False) -> list[float]:
+    """The two scores on the review's first line; [-1, -1] when that line does not hold exactly two.
+
+    By default this is the original scripts' rule: the first line, each `,` turned into a space, split on single
+    spaces, must give exactly two numbers ("8 7" and "8,7" parse; "8, 7", "8  7", " 8 7", "8\t7" and "**8 7**" do
+    not). With `lenient` (`--lenient-scores`), surrounding blanks and `*` are stripped and any whitespace separates
+    the numbers, so those parse too; such reviews record `score_parser: lenient`."""
     try:
-        first = (review or "").strip().split("\n")[0]
-        parts = first.replace(",", " ").strip(" *").split()
+        first = (review or "").strip().split("\n")[0] if lenient else (review or "").split("\n")[0]
+        first = first.replace(",", " ")
+        parts = first.strip(" *").split() if lenient else first.split(" ")
         if len(parts) == 2:
             return [float(parts[0]), float(parts[1])]
     except ValueError:
@@ -188,9 +197,10 @@ class ReviewJob:
     category: str
     content: str
     rule_sha256: str
+    rule_name: str = ""  # the rule.json entry used (eval_gpt_review: `default` for a category without its own)
 
 
-def add_judge_args(parser: argparse.ArgumentParser, context: bool) -> None:
+def add_judge_args(parser: argparse.ArgumentParser, context: bool, judge_model: str = DEFAULT_JUDGE_MODEL) -> None:
     """The original review flags plus the judge's."""
     parser.add_argument("-q", "--question", type=str, required=True, help="question JSONL")
     if context:
@@ -201,7 +211,7 @@ def add_judge_args(parser: argparse.ArgumentParser, context: bool) -> None:
     parser.add_argument("-r", "--rule", type=str, default=DEFAULT_RULE_FILE, help="rule.json (default: ours)")
     parser.add_argument("-o", "--output", type=str, required=True, help="review JSONL (appended; resumable)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="most tokens the judge may write per review")
-    parser.add_argument("--judge-model", type=str, default=DEFAULT_JUDGE_MODEL)
+    parser.add_argument("--judge-model", type=str, default=judge_model, help=f"default: {judge_model}")
     parser.add_argument("--api-base", type=str, default=None, help="OpenAI-compatible base URL (or OPENAI_BASE_URL)")
     parser.add_argument("--api-key", type=str, default=None, help="default: OPENAI_API_KEY")
     parser.add_argument("--temperature", type=float, default=0.2, help="the judge's sampling temperature")
@@ -210,6 +220,12 @@ def add_judge_args(parser: argparse.ArgumentParser, context: bool) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
     parser.add_argument("--parallel", type=int, default=1, help="reviews requested at once")
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
+    parser.add_argument(
+        "--lenient-scores",
+        action="store_true",
+        help="also parse first lines like `8, 7`, `8  7` or `**8 7**` (the original scores them [-1, -1]); "
+        "recorded as score_parser=lenient in each review",
+    )
 
 
 def judge_from_args(args) -> Judge:
@@ -259,8 +275,10 @@ def build_jobs(
     rules: dict,
     pick_rule: Callable[[dict], str],
     context_for: Callable[[dict], str],
+    category_of: Callable[[dict], str] | None = None,
 ) -> list[ReviewJob]:
-    """One job per question: `pick_rule(question)` names its rule, `context_for(question)` opens the message."""
+    """One job per question: `pick_rule(question)` names its rule, `context_for(question)` opens the message, and
+    `category_of(question)` is the category its review records (default: the rule's name)."""
     questions = read_records(args.question)
     ids = [q["question_id"] for q in questions]
     answers1 = answers_by_question(args.answer_list[0], ids)
@@ -284,16 +302,17 @@ def build_jobs(
                 question_id=question["question_id"],
                 answer1_id=ans1.get("answer_id", ans1["question_id"]),
                 answer2_id=ans2.get("answer_id", ans2["question_id"]),
-                category=category,
+                category=category_of(question) if category_of else category,
                 content=content,
                 rule_sha256=rule_hash(rule),
+                rule_name=category,
             )
         )
     return jobs
 
 
-def _existing_reviews(path: str, judge_model: str, jobs: list[ReviewJob]) -> set:
-    """question_ids already reviewed in `path`; refuses a file written by another judge or with another rule."""
+def _existing_reviews(path: str, judge_model: str, jobs: list[ReviewJob], parser: str = "original") -> set:
+    """question_ids already reviewed in `path`; refuses a file written by another judge, rule or score parser."""
     if not os.path.exists(path):
         return set()
     hashes = {job.question_id: job.rule_sha256 for job in jobs}
@@ -309,19 +328,32 @@ def _existing_reviews(path: str, judge_model: str, jobs: list[ReviewJob]) -> set
                 f"run uses judge `{judge_model}` (rule {hashes.get(record['question_id'])}). Scores from different "
                 "judges or rules must not be mixed: write to another --output, or pass --overwrite."
             )
+        elif record.get("score_parser", "original") != parser:
+            raise JudgeError(
+                f"`{path}` holds reviews scored with the `{record.get('score_parser', 'original')}` score parser; "
+                f"this run uses `{parser}` (--lenient-scores). Write to another --output, or pass --overwrite."
+            )
         done.add(record["question_id"])
     if unlabeled:
         log(f"{path}: {unlabeled} review(s) do not record their judge (older format); kept as they are.")
     return done
 
 
-def run_reviews(jobs: list[ReviewJob], judge: Judge, output: str, parallel: int = 1, overwrite: bool = False) -> dict:
+def run_reviews(
+    jobs: list[ReviewJob],
+    judge: Judge,
+    output: str,
+    parallel: int = 1,
+    overwrite: bool = False,
+    lenient_scores: bool = False,
+) -> dict:
     """Review every job whose question is not in `output` yet, appending one record each; returns counts."""
+    parser = "lenient" if lenient_scores else "original"
     output = os.path.expanduser(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if overwrite and os.path.exists(output):
         os.remove(output)
-    done = _existing_reviews(output, judge.model, jobs)
+    done = _existing_reviews(output, judge.model, jobs, parser)
     todo = [job for job in jobs if job.question_id not in done]
     if done:
         log(f"{output}: {len(jobs) - len(todo)} of {len(jobs)} questions already reviewed; skipping them.")
@@ -341,7 +373,7 @@ def run_reviews(jobs: list[ReviewJob], judge: Judge, output: str, parallel: int 
                 job, future = in_flight.popleft()
                 review = future.result()
                 submit_more()
-                scores = parse_score(review)
+                scores = parse_score(review, lenient=lenient_scores)
                 invalid += is_invalid(scores)
                 record = {
                     "id": job.id,
@@ -353,6 +385,7 @@ def run_reviews(jobs: list[ReviewJob], judge: Judge, output: str, parallel: int 
                     "tuple": scores,
                     "judge_model": judge.model,
                     "rule_sha256": job.rule_sha256,
+                    "score_parser": parser,
                 }
                 f.write(json.dumps(record) + "\n")
                 f.flush()
