@@ -1,3 +1,3 @@
 """llava: train and serve LLaVA-style vision-language models."""
 
-__version__ = "0.1.0"
+__version__ = "1.3.0"

@@ -1,26 +1,71 @@
 #!/usr/bin/env bash
-# Create .venv and install llava with its extras. Usage: bash scripts/setup.sh [extras]   (default: train,serve,quant,test)
-# Idempotent: a second run only checks what is there. Set PYTHON to choose the interpreter (3.10+).
+# Create a virtual environment and install llava with its extras.
+#   bash scripts/setup.sh [extras]            .venv, at the exact versions in constraints.txt (what CI tests)
+#   bash scripts/setup.sh --latest [extras]   .venv-latest, at the newest versions pyproject.toml allows
+# extras default to train,serve,quant,test. Set PYTHON to choose the interpreter (3.10+), VENV to choose the directory.
+# A second run is quick when nothing changed; when pyproject.toml, constraints.txt or the extras changed, it re-syncs
+# the environment (pip moves every pinned package to its pinned version) and checks it with `pip check`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+latest=0
+if [ "${1:-}" = "--latest" ]; then
+  latest=1
+  shift
+fi
 extras="${1:-train,serve,quant,test}"
 python="${PYTHON:-python3}"
-
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($python --version)"
-  "$python" -m venv .venv
-  .venv/bin/pip install -q -U pip
+if [ "$latest" = 1 ]; then
+  venv="${VENV:-.venv-latest}"
+  mode="latest"
+else
+  venv="${VENV:-.venv}"
+  mode="locked"
 fi
-# Without a GPU, install the pinned CPU-friendly torch first: an open range would pull the multi-GB CUDA build.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv with $($python --version)"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q -U pip
+fi
+
+# What the last successful run installed: the mode, a hash of pyproject.toml and constraints.txt, and its extras.
+# When the mode and hash are unchanged and the extras were installed then, there is nothing to do.
+stamp_file="$venv/.llava-setup-stamp"
+state="$mode $(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+installed=""
+if [ -f "$stamp_file" ] && [ "$(head -n1 "$stamp_file")" = "$state" ]; then
+  installed="$(sed -n 2p "$stamp_file")"
+fi
+missing=""
+for extra in ${extras//,/ }; do
+  case ",$installed," in *",$extra,"*) ;; *) missing="$missing $extra" ;; esac
+done
+if [ "$latest" = 0 ] && [ -z "$missing" ] && "$venv/bin/python" -c "import llava" 2>/dev/null; then
+  echo "[setup] $venv is in sync with constraints.txt (extras $extras)"
+  exit 0
+fi
+rm -f "$stamp_file"
+[ -n "$installed" ] && extras="$installed,$extras"  # keep what the same versions already installed
+
+pins=()
+upgrade=()
+if [ "$latest" = 0 ]; then
+  pins=(-c constraints.txt)
+else
+  upgrade=(-U --upgrade-strategy eager)
+fi
+# Without a GPU, install the CPU-friendly torch first: an open range would pull the multi-GB CUDA build.
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     echo "[setup] GPU found: installing torch from the package index"
-    .venv/bin/pip install -q "torch>=2.4,<2.14"
+    "$venv/bin/pip" install -q "${pins[@]}" "torch>=2.4,<2.14"
   else
     echo "[setup] no GPU: installing torch==2.13.0"
-    .venv/bin/pip install -q "torch==2.13.0"
+    "$venv/bin/pip" install -q "${pins[@]}" "torch==2.13.0"
   fi
 fi
-echo "[setup] installing llava[$extras]"
-.venv/bin/pip install -q -e ".[$extras]"
-echo "[setup] done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+echo "[setup] installing llava[$extras] into $venv ($mode versions)"
+"$venv/bin/pip" install -q "${pins[@]}" "${upgrade[@]}" -e ".[$extras]"
+"$venv/bin/pip" check
+printf "%s\n%s\n" "$state" "$(echo "$extras" | tr , "\n" | sort -u | paste -sd,)" >"$stamp_file"
+echo "[setup] done: $("$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
