@@ -467,3 +467,109 @@ def test_model_vqa_science_answer_prompter(engine, ckpt, tmp_path):
         prompt = engine.build_prompt(question, len(images)) + reasoning + " ###\nANSWER:"
         answer = engine.generate([prompt], [images], params)[0]
         assert a["text"] == reasoning + "\n The answer is " + answer
+
+
+def test_resume_needs_the_same_model_questions_and_settings(engine, ckpt, tmp_path):
+    """Issue 12 item 21: an answers file is resumed only when its sidecar records the same run."""
+    import shutil
+
+    qfile, folder, _ = vqa_questions(tmp_path, n=3)
+    model_dir = str(tmp_path / "llava-retrained")
+    shutil.copytree(ckpt, model_dir)
+    out = tmp_path / "answers.jsonl"
+    args = ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(out)]
+
+    def run_here(*extra):
+        parsed = model_vqa.build_parser().parse_args(["--model-path", model_dir, *GREEDY, *args, *extra])
+        return model_vqa.eval_model(parsed, engine=engine)
+
+    run_here()
+    meta = json.load(open(str(out) + ".meta.json"))
+    assert meta["settings"]["max_new_tokens"] == 5 and meta["settings"]["conv_mode"] == "llava_v1"
+    first = out.read_text()
+    out.write_text("".join(first.splitlines(keepends=True)[:2]))  # a partial file, resumed by the same run
+    run_here()
+    assert len(read_jsonl(out)) == 3
+    with pytest.raises(ValueError, match=r"settings\.max_new_tokens: 5 -> 6.*--overwrite"):
+        run_here("--max_new_tokens", "6")
+    with pytest.raises(ValueError, match=r"settings\.conv_mode: 'llava_v1' -> 'llava_v0'"):
+        run_here("--conv-mode", "llava_v0")
+    # The questions changed.
+    with open(qfile, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"question_id": 99, "text": "New question?"}) + "\n")
+    with pytest.raises(ValueError, match=r"question_file\.sha256"):
+        run_here()
+    # The checkpoint was retrained in the same folder.
+    weights = [n for n in os.listdir(model_dir) if n.endswith(".safetensors")][0]
+    with open(os.path.join(model_dir, weights), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x01" * 8)
+    with pytest.raises(ValueError, match=r"model\.fingerprint"):
+        run_here()
+    run_here("--overwrite")
+    assert [a["question_id"] for a in read_jsonl(out)][-1] == 99
+    run_here()  # the sidecar now records this run: resumes, nothing to answer
+    # A file without a sidecar (written by the original scripts or an older version) is not resumed silently.
+    os.remove(str(out) + ".meta.json")
+    with pytest.raises(ValueError, match=r"no record of the model.*--overwrite"):
+        run_here()
+
+
+def test_default_template_is_the_originals_not_a_name_guess(engine, ckpt, tmp_path, monkeypatch):
+    """Issue 12 item 20: no --conv-mode and no recorded template -> llava_v1 (model_vqa_science: llava_v0), even when
+    the engine guessed another template from the folder name."""
+    monkeypatch.delattr(engine.model.config, "conv_template")
+    monkeypatch.setattr(engine, "conv_mode", "llava_v0")  # what a name like `llava-13b-finetune` guesses
+    qfile, folder, _ = vqa_questions(tmp_path, n=1)
+    vqa = read_jsonl(
+        run(
+            model_vqa,
+            engine,
+            ckpt,
+            ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(tmp_path / "v.jsonl")],
+        )
+    )
+    assert {a["metadata"]["conv_mode"] for a in vqa} == {"llava_v1"}
+    monkeypatch.setattr(engine, "conv_mode", "llava_v1")
+    sqa_q, sqa_folder = sqa_files(tmp_path)
+    sqa = read_jsonl(
+        run(
+            model_vqa_science,
+            engine,
+            ckpt,
+            ["--question-file", sqa_q, "--image-folder", sqa_folder, "--answers-file", str(tmp_path / "s.jsonl")],
+        )
+    )
+    assert {a["metadata"]["conv_mode"] for a in sqa} == {"llava_v0"}
+    # A recorded template wins over the script default.
+    monkeypatch.setattr(engine.model.config, "conv_template", "vicuna_v1", raising=False)
+    sqa = read_jsonl(
+        run(
+            model_vqa_science,
+            engine,
+            ckpt,
+            ["--question-file", sqa_q, "--image-folder", sqa_folder, "--answers-file", str(tmp_path / "s2.jsonl")],
+        )
+    )
+    assert {a["metadata"]["conv_mode"] for a in sqa} == {"vicuna_v1"}
+
+
+def test_mmbench_defaults_and_na_options(tmp_path):
+    """Issue 12 items 22 and 12: 1024 new tokens as the original; `NA`-like option texts stay options."""
+    from llava.eval.model_vqa_mmbench import PANDAS_NA_VALUES, get_options, read_tsv
+
+    assert (
+        model_vqa_mmbench.build_parser().parse_args(["--question-file", "q", "--answers-file", "a"]).max_new_tokens
+        == 1024
+    )
+    pandas = pytest.importorskip("pandas")
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    assert PANDAS_NA_VALUES == set(STR_NA_VALUES)  # the set pandas reads as missing, as the original's read did
+    tsv = tmp_path / "na.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tC\tD\timage\n1\tWhich?\tNA\tN/A\tnull\t#N/A\tx\n2\tAnd?\tn/a\tyes\t\t\tx\n")
+    rows = read_tsv(str(tsv))
+    assert get_options(rows[0], ["A", "B", "C", "D"]) == ["NA", "N/A", "null", "#N/A"]
+    assert get_options(rows[1], ["A", "B", "C", "D"]) == ["n/a", "yes"]
+    assert get_options(rows[0], ["A", "B", "C", "D"], na_as_missing=True) == []  # the original's behaviour
+    assert pandas.read_table(str(tsv))["A"].isna().all()  # why: pandas' defaults drop them

@@ -96,6 +96,9 @@ def test_science_qa_score(tmp_path, capsys):
         ("6", "FAILED"),
     ]
     assert json.load(open(tmp_path / "res.json"))["acc"] == 50.0
+    assert summary["img_acc"] == pytest.approx(200 / 3)
+    # The original's --output-result layout, no more keys (issue 12 item 14).
+    assert sorted(json.load(open(tmp_path / "res.json"))) == ["acc", "correct", "count", "outputs", "results"]
 
 
 def test_convert_sqa_to_llava_formats(tmp_path):
@@ -331,6 +334,10 @@ def test_mme_scores(tmp_path, capsys):
         results.append(answer(qid, text, question + suffix))
     rfile = write_jsonl(tmp_path / "answers.jsonl", results[::-1])
     out_dir = tmp_path / "eval_tool" / "answers" / "ckpt"
+    # An unanswered question is refused, not scored as a smaller test (issue 12 item 13).
+    partial = write_jsonl(tmp_path / "partial.jsonl", results[:-1])
+    with pytest.raises(ValueError, match=r"no answer for 1 MME question.*artwork: 1.*artwork/11"):
+        eval_mme.main(["--data-dir", str(data), "--result-file", partial])
     report = eval_mme.main(["--data-dir", str(data), "--result-file", rfile, "--results-dir", str(out_dir)])
     perception = report["Perception"]
     # Each subtask: accuracy 3/4 + accuracy+ 1/2 -> 125; perception total 250.

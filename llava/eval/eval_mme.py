@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from llava.eval.runner import read_jsonl
 
@@ -82,8 +82,11 @@ def parse_pred_ans(pred_ans: str) -> str:
 
 
 def collect(answers: list[dict], gt: dict) -> dict[str, list[tuple[str, str, str, str]]]:
-    """{subtask: [(image file, question, gt answer, prediction)]} for every answer, matched to its ground truth."""
+    """{subtask: [(image file, question, gt answer, prediction)]} for every answer, matched to its ground truth.
+
+    Every ground-truth question must have an answer: a partial answers file is refused."""
     rows = defaultdict(list)
+    answered = set()
     for answer in answers:
         qid = str(answer["question_id"])
         category = qid.split("/")[0]
@@ -94,6 +97,16 @@ def collect(answers: list[dict], gt: dict) -> dict[str, list[tuple[str, str, str
             raise KeyError(f"No MME ground truth for question_id `{qid}` with question `{key[2]}`.")
         question, gt_answer = gt[key]
         rows[category].append((image, question, gt_answer, answer["text"]))
+        answered.add(key)
+    missing = [key for key in gt if key not in answered]
+    if missing:  # scoring a subset would give a score that looks comparable and is not (the POPE scorer refuses too)
+        per_task = Counter(category for category, _, _ in missing)
+        examples = ", ".join(f"{c}/{stem}: {q!r}" for c, stem, q in missing[:3])
+        raise ValueError(
+            f"The answers file has no answer for {len(missing)} MME question(s) of the ground truth "
+            f"({', '.join(f'{c}: {n}' for c, n in sorted(per_task.items()))}), e.g. {examples}. Answer every "
+            "question of llava_mme.jsonl (model_vqa_loader resumes a partial answers file) before scoring."
+        )
     return rows
 
 

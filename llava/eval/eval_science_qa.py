@@ -96,13 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"Total: {summary['count']}, Correct: {summary['correct']}, Accuracy: {summary['acc']:.2f}%, "
         f"IMG-Accuracy: {img_acc:.2f}%"
     )
-    summary["img_acc"] = img_acc
+    # --output-result keeps the original's layout ({acc, correct, count, results, outputs}); the image-question
+    # accuracy is on stdout and in the returned dict only.
     for path, data in ((args.output_file, results), (args.output_result, summary)):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2)
-    return summary
+    return {**summary, "img_acc": img_acc}
 
 
 if __name__ == "__main__":

@@ -34,12 +34,24 @@ INSTRUCTIONS = {
 }
 
 
-def is_none(value) -> bool:
-    """An empty TSV cell, as pandas reads it (NaN) or as text ("", "nan", "none")."""
+# The strings pandas' read_table turns into NaN by default (pandas' STR_NA_VALUES). The original read the TSV with
+# pandas' defaults, so an option whose text is `NA`, `N/A`, `null`, ... vanished from its prompt; we read every cell
+# as text and keep them. `--na-as-missing` restores the original behaviour.
+PANDAS_NA_VALUES = frozenset(
+    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+     "NULL", "NaN", "None", "n/a", "nan", "null"]
+)  # fmt: skip
+
+
+def is_none(value, na_as_missing: bool = False) -> bool:
+    """An empty cell: None, NaN, or text the original's `is_none` treats as none ("", "nan", "none", any case).
+    With `na_as_missing`, also every string pandas reads as missing by default (as the original's TSV read did)."""
     if value is None:
         return True
     if isinstance(value, float):
         return math.isnan(value)
+    if na_as_missing and isinstance(value, str) and value in PANDAS_NA_VALUES:
+        return True
     return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
 
 
@@ -55,12 +67,13 @@ def read_tsv(path: str) -> list[dict]:
     return rows
 
 
-def get_options(row: dict, options: list[str]) -> list[str]:
-    """The option texts of a row, up to the first empty one."""
+def get_options(row: dict, options: list[str], na_as_missing: bool = False) -> list[str]:
+    """The option texts of a row, up to the first empty one (`NA`, `N/A`, `null`, ... are text unless
+    `na_as_missing`)."""
     parsed = []
     for option in options:
         value = row.get(option)
-        if is_none(value):
+        if is_none(value, na_as_missing):
             break
         parsed.append(value)
     return parsed
@@ -78,11 +91,16 @@ def row_image(row: dict, by_index: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Answer MMBench (TSV with base64 images) with a LLaVA model.")
-    add_model_args(parser, temperature=0.2, max_new_tokens=128)
+    add_model_args(parser, temperature=0.2, max_new_tokens=1024)  # the original generated up to 1024 tokens here
     add_io_args(parser)
     parser.add_argument("--single-pred-prompt", action="store_true", help="ask for the option's letter only")
     parser.add_argument("--all-rounds", action="store_true", help="ask once per option, rotating the options")
     parser.add_argument("--lang", type=str, default="en", choices=sorted(INSTRUCTIONS))
+    parser.add_argument(
+        "--na-as-missing",
+        action="store_true",
+        help="treat option cells pandas reads as missing (NA, N/A, null, ...) as absent, as the original did",
+    )
     return parser
 
 
@@ -91,14 +109,14 @@ def mmbench_requests(rows: list[dict], all_rows: list[dict], args, engine, conv_
     instruction = INSTRUCTIONS[opt(args, "lang", "en")]
     requests = []
     for row in rows:
-        options = get_options(row, ALL_OPTIONS)
+        options = get_options(row, ALL_OPTIONS, bool(opt(args, "na_as_missing", False)))
         option_char = ALL_OPTIONS[: len(options)]
         rounds = len(options) if opt(args, "all_rounds", False) else 1
         image = row_image(row, by_index)
         for round_idx in range(rounds):
             idx = row["index"]
             question = row["question"]
-            if not is_none(row.get("hint")):
+            if not is_none(row.get("hint"), bool(opt(args, "na_as_missing", False))):
                 question = row["hint"] + "\n" + question
             for letter, option in zip(ALL_OPTIONS[: len(options)], options):
                 question = question + "\n" + letter + ". " + option

@@ -81,6 +81,7 @@ def eval_model(args, engine=None) -> str:
         engine,
         lambda eng, conv: science_requests(questions, args, eng, conv, args.question_file),
         followup=prompt_for_answer if opt(args, "answer_prompter", False) else None,
+        default_conv_mode="llava_v0",  # the original model_vqa_science's default, unlike the other scripts
     )
 
 

@@ -3,12 +3,21 @@
 Every generation script reads its questions, keeps its chunk (`--num-chunks/--chunk-idx`), skips what the answers
 file already holds, and writes one JSON line per answer (DESIGN.md, "Eval files"):
     {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+Beside the answers file, `<answers>.meta.json` records what wrote it: the checkpoint (path, base, and a fingerprint
+of its files), the question file (sha256) and the generation settings. A run resumes the answers file only when all
+of these match; otherwise it stops and names the difference (`--overwrite` starts afresh). The answers file itself
+keeps the original's line format, so the original readers and scorers read it unchanged.
+
+Without `--conv-mode`, the template is the one the checkpoint records (config `conv_template`), else the original
+script's default (`llava_v1`; `llava_v0` for model_vqa_science), never a guess from the folder name.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -154,14 +163,49 @@ def new_answer_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
 
 
+def meta_path(answers_path: str) -> str:
+    """The sidecar that records what wrote an answers file."""
+    return answers_path + ".meta.json"
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def meta_differences(old: dict, new: dict) -> list[str]:
+    """`field: old -> new` for every recorded field that differs (paths recorded only for information excluded)."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in _INFO_ONLY and a.get(k) != b.get(k)
+    ]
+
+
+_INFO_ONLY = {"question_file.path", "written_by"}  # a moved question file with the same content still resumes
+
+
 class AnswerFile:
     """A JSON-lines answers file opened for appending; `done` holds the keys it already answers.
 
     A run that was killed mid-write leaves a truncated last line: it is dropped (and re-answered). Any other bad line
-    is an error, since it means the file is not an answers file.
+    is an error, since it means the file is not an answers file. With `meta` (what this run is: model, question file,
+    settings), a file that already holds answers is resumed only when its sidecar `<path>.meta.json` records the same.
     """
 
-    def __init__(self, path: str, key: Callable[[dict], Hashable] = question_key, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str,
+        key: Callable[[dict], Hashable] = question_key,
+        overwrite: bool = False,
+        meta: dict | None = None,
+    ):
         self.path = os.path.expanduser(path)
         self.key = key
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -170,7 +214,33 @@ class AnswerFile:
             open(self.path, "w").close()
         else:
             self._scan()
+            if meta is not None and self.done:
+                self._check_meta(meta)
+        if meta is not None:
+            with open(meta_path(self.path), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def _check_meta(self, meta: dict) -> None:
+        sidecar = meta_path(self.path)
+        advice = "pass --overwrite to answer every question again, or choose another --answers-file."
+        if not os.path.exists(sidecar):
+            raise ValueError(
+                f"`{self.path}` already holds {len(self.done)} answer(s) but no record of the model, question file "
+                f"and settings that wrote them (`{sidecar}` is missing), so they cannot be resumed safely; {advice}"
+            )
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"`{sidecar}` is not readable JSON ({err}); {advice}") from err
+        diffs = meta_differences(old, meta)
+        if diffs:
+            raise ValueError(
+                f"`{self.path}` was written by a different run, so its {len(self.done)} answer(s) are not resumed: "
+                + "; ".join(diffs)
+                + f". To replace them, {advice}"
+            )
 
     def _scan(self) -> None:
         with open(self.path, encoding="utf-8") as f:
@@ -245,11 +315,17 @@ def model_id(args: Any) -> str:
     return opt(args, "model_name") or get_model_name_from_path(model_path_of(args))
 
 
-def conv_mode_for(args: Any, engine) -> str:
-    """`--conv-mode` when given (empty counts as not given), else the checkpoint's template."""
+def conv_mode_for(args: Any, engine, default: str | None = None) -> str:
+    """`--conv-mode` when given (empty counts as not given), else the template the checkpoint records (config
+    `conv_template`), else `default` (the original script's own default). Without a `default` (run_llava, whose
+    original guessed from the model name), the engine's choice."""
     from llava.conversation import conv_templates
 
-    mode = opt(args, "conv_mode") or engine.conv_mode
+    mode = opt(args, "conv_mode")
+    if not mode and default is not None:
+        config = getattr(getattr(engine, "model", None), "config", None)
+        mode = getattr(config, "conv_template", None) or default
+    mode = mode or engine.conv_mode
     if mode not in conv_templates:
         raise ValueError(f"Unknown `--conv-mode` `{mode}`; valid: {', '.join(sorted(conv_templates))}.")
     return mode
@@ -359,6 +435,82 @@ def one_at_a_time(requests: Iterable[Request]) -> Iterable[list[Request]]:
         yield [request.loaded()]
 
 
+# Flags that change the prompts or the answers, recorded with the generation settings when a script has them.
+SETTING_FLAGS = (
+    "single_pred_prompt",
+    "answer_prompter",
+    "all_rounds",
+    "lang",
+    "na_as_missing",
+    "num_chunks",
+    "chunk_idx",
+    "vision_tower",
+    "load_8bit",
+    "load_4bit",
+)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(os.path.expanduser(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(path: str | None) -> str | None:
+    """A cheap content fingerprint of a local checkpoint directory: each top-level file's name and size, its first
+    and last MiB (weights retrained in the same folder change it); None for a hub id."""
+    if not path or not os.path.isdir(os.path.expanduser(path)):
+        return None
+    folder = os.path.expanduser(path)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full):
+            continue
+        size = os.path.getsize(full)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(full, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def run_meta(args: Any, conv_mode: str) -> dict:
+    """What a generation run is, as recorded in `<answers>.meta.json`: model, question file, settings."""
+    params = generation_params(args)
+    model_path = model_path_of(args)
+    base = opt(args, "model_base")
+    local = os.path.isdir(model_path)
+    settings = {
+        "conv_mode": conv_mode,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "num_beams": params.num_beams,
+        "max_new_tokens": params.max_new_tokens,
+    }
+    settings.update({name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)})
+    return {
+        "written_by": "llava.eval",
+        "model": {
+            "model_path": os.path.abspath(model_path) if local else model_path,
+            "model_base": os.path.abspath(os.path.expanduser(base))
+            if base and os.path.isdir(os.path.expanduser(base))
+            else base,
+            "fingerprint": checkpoint_fingerprint(model_path),
+            "base_fingerprint": checkpoint_fingerprint(base),
+        },
+        "question_file": {
+            "path": os.path.abspath(os.path.expanduser(args.question_file)),
+            "sha256": file_sha256(args.question_file),
+        },
+        "settings": settings,
+    }
+
+
 def answer_all(
     args: Any,
     engine,
@@ -367,12 +519,17 @@ def answer_all(
     batches: Callable[[list[Request]], Iterable[list[Request]]] = one_at_a_time,
     key: Callable[[dict], Hashable] = question_key,
     followup: Callable[[Any, list[Request], list[str], str], list[str]] | None = None,
+    default_conv_mode: str = "llava_v1",
 ) -> str:
     """The body every generation script shares: load the model (unless given), then answer each request that
-    `args.answers_file` does not hold yet. `make_requests(engine, conv_mode)` builds the requests. Returns the path."""
+    `args.answers_file` does not hold yet. `make_requests(engine, conv_mode)` builds the requests. Returns the path.
+
+    Without `--conv-mode`: the checkpoint's recorded template, else `default_conv_mode` (the original script's)."""
     engine = engine or load_engine(args)
-    conv_mode = conv_mode_for(args, engine)
-    with AnswerFile(args.answers_file, key=key, overwrite=bool(opt(args, "overwrite", False))) as answers:
+    conv_mode = conv_mode_for(args, engine, default_conv_mode)
+    meta = run_meta(args, conv_mode)
+    overwrite = bool(opt(args, "overwrite", False))
+    with AnswerFile(args.answers_file, key=key, overwrite=overwrite, meta=meta) as answers:
         requests = make_requests(engine, conv_mode)
         todo = pending(requests, answers, len(requests))
         generate_answers(engine, batches(todo), len(todo), args, answers, conv_mode, followup=followup)
