@@ -573,3 +573,27 @@ def test_mmbench_defaults_and_na_options(tmp_path):
     assert get_options(rows[1], ["A", "B", "C", "D"]) == ["n/a", "yes"]
     assert get_options(rows[0], ["A", "B", "C", "D"], na_as_missing=True) == []  # the original's behaviour
     assert pandas.read_table(str(tsv))["A"].isna().all()  # why: pandas' defaults drop them
+
+
+def test_original_loader_names_custom_dataset_and_collate_fn(engine, tmp_path):
+    """Issue 12 item 23: `model_vqa_loader.CustomDataset` / `collate_fn` with the original's call shapes."""
+    from torch.utils.data import DataLoader
+
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    qfile, folder, questions = vqa_questions(tmp_path, n=4)
+    one_image = [q for q in questions if isinstance(q.get("image"), str)]
+    dataset = model_vqa_loader.CustomDataset(
+        one_image, folder, engine.tokenizer, engine.image_processor, engine.model.config
+    )
+    assert len(dataset) == len(one_image) and dataset.conv_mode == "llava_v1"
+    loader = DataLoader(dataset, batch_size=1, num_workers=0, shuffle=False, collate_fn=model_vqa_loader.collate_fn)
+    for q, (input_ids, images, sizes) in zip(one_image, loader):
+        image = _load(folder, q["image"])
+        prompt = engine.build_prompt(q["text"], 1, "llava_v1")
+        assert input_ids.tolist() == [tokenizer_image_token(prompt, engine.tokenizer, return_tensors="pt").tolist()]
+        assert (
+            images.shape[0] == 1
+            and (images[0] == process_images([image], engine.image_processor, engine.model.config)[0]).all()
+        )
+        assert sizes == (image.size,)

@@ -8,11 +8,13 @@
 `--batch-size N` answers N questions per forward pass; under greedy decoding (`--temperature 0`) the answers are the
 ones batch size 1 gives (left padding with per-row attention masks). Same question and answer formats as model_vqa;
 resumable; `--num-chunks/--chunk-idx` split the work across processes (see scripts/v1_5/eval/*.sh).
+The original module's `CustomDataset` and `collate_fn` are here too, for code that runs its own loop on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -55,6 +57,66 @@ def create_data_loader(requests: list[Request], batch_size: int = 1, num_workers
         shuffle=False,
         collate_fn=collate_requests,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The original module's dataset names, for code that builds its own loop on them (same call shapes as the original)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CustomDataset(Dataset):
+    """The original `model_vqa_loader.CustomDataset`: item i is `(input_ids, image_tensor, image.size)` for
+    question i (`{"image", "text"}`), its prompt built with our template and preprocessing.
+
+    The original read the template from a global `args.conv_mode`; here it is the `conv_mode` argument, by default
+    the one `model_config` records (`conv_template`), else `llava_v1` (the original script's default)."""
+
+    def __init__(
+        self,
+        questions: list[dict],
+        image_folder: str,
+        tokenizer,
+        image_processor,
+        model_config,
+        conv_mode: str | None = None,
+    ):
+        self.questions = questions
+        self.image_folder = image_folder
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_config = model_config
+        self.conv_mode = conv_mode or getattr(model_config, "conv_template", None) or "llava_v1"
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+        from llava.conversation import get_conv_template
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        line = self.questions[index]
+        marker = DEFAULT_IMAGE_TOKEN
+        if getattr(self.model_config, "mm_use_im_start_end", False):
+            marker = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        conv = get_conv_template(self.conv_mode)
+        conv.append_message(conv.roles[0], marker + "\n" + line["text"])
+        conv.append_message(conv.roles[1], None)
+        with Image.open(os.path.join(self.image_folder, line["image"])) as raw:
+            image = raw.convert("RGB")
+        image_tensor = process_images([image], self.image_processor, self.model_config)[0]
+        input_ids = tokenizer_image_token(conv.get_prompt(), self.tokenizer, return_tensors="pt")
+        return input_ids, image_tensor, image.size
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def collate_fn(batch: list[tuple]) -> tuple:
+    """The original's collate: stacked input_ids (equal lengths, as with batch size 1), stacked images, sizes."""
+    import torch
+
+    input_ids, image_tensors, image_sizes = zip(*batch)
+    return torch.stack(input_ids, dim=0), torch.stack(image_tensors, dim=0), image_sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
