@@ -238,9 +238,16 @@ def _render_mpt(conv: Conversation, turns: list[_Turn]) -> list[Segment]:
 
 def _render_plain(conv: Conversation, turns: list[_Turn]) -> list[Segment]:
     segments = [(conv.system, False)]
-    for turn in turns:
-        if turn.text:
-            segments += _reply("", turn, conv.sep2 if turn.assistant else conv.sep)
+    for i, turn in enumerate(turns):
+        if not turn.text:
+            continue
+        if turn.assistant:
+            segments += _reply("", turn, conv.sep2)
+            continue
+        # Training (`preprocess_plain` in the original) joins the image and its caption directly; a user turn that
+        # no reply follows is a prompt, which the original ends with a newline (its get_prompt: `sep="\n"`).
+        replied = i + 1 < len(turns) and bool(turns[i + 1].text)
+        segments += _reply("", turn, conv.sep if replied else conv.sep2)
     return segments
 
 
@@ -598,7 +605,8 @@ def _jinja_plain(conv: Conversation, user: str, assistant: str) -> _JinjaParts:
         prefix=_out("system"),
         user=_out(f"content + {_lit(conv.sep)}"),
         assistant=_out(f"content + {_lit(conv.sep2)}"),
-        generation="",
+        # The prompt ends with a newline after the user turn, as the original's (see `_render_plain`).
+        generation=_out(_lit(conv.sep2)),
     )
 
 

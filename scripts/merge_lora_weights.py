@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 
 from llava.model.builder import load_pretrained_model
+from llava.model.checkpoint_compat import SPM_FILE, finish_checkpoint_dir
 
 
 def merge_lora(args: argparse.Namespace) -> None:
@@ -18,6 +21,11 @@ def merge_lora(args: argparse.Namespace) -> None:
         raise SystemExit(f"`{args.model_path}` was not merged; is it a LoRA checkpoint?")
     model.save_pretrained(args.save_model_path)
     tokenizer.save_pretrained(args.save_model_path)
+    # Legacy config keys and the SentencePiece file, so the original LLaVA code loads the merged model too.
+    finish_checkpoint_dir(args.save_model_path, tokenizer)
+    base_spm = os.path.join(os.path.expanduser(args.model_base), SPM_FILE)
+    if not os.path.exists(os.path.join(args.save_model_path, SPM_FILE)) and os.path.isfile(base_spm):
+        shutil.copyfile(base_spm, os.path.join(args.save_model_path, SPM_FILE))
     print(f"Merged checkpoint written to {args.save_model_path}")
 
 

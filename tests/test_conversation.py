@@ -68,7 +68,7 @@ CHATML_DIRECT = (
     "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the picture?<|im_end|>"
     "<|im_start|>assistant\nA red square.<|im_end|><|im_start|>user\nWhere is it?<|im_end|><|im_start|>assistant\n"
 )
-PLAIN = "<image>\nWhat is in the picture?A red square.\nWhere is it?"
+PLAIN = "<image>\nWhat is in the picture?A red square.\nWhere is it?\n"
 
 GOLDEN = {
     "default": SYS_HUMAN + V0_EXAMPLE + SINGLE_TAIL,

@@ -126,11 +126,20 @@ def _attn_implementation(use_flash_attn: bool) -> str:
     return "flash_attention_2"
 
 
-def _resolve_device(device: str) -> str:
+def best_device() -> str:
+    """The fastest device this machine has: cuda, else mps, else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        chosen = best_device()
+        logger.info("load_pretrained_model: no device given; using `%s`, the best one available.", chosen)
+        return chosen
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        return best_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"device=`{device}` was asked for but CUDA is not available; pass device='cpu' (--device cpu)."
@@ -241,15 +250,37 @@ def _finish_multimodal(model, tokenizer, tower_missing: bool, trained_vocab: int
         resize_embeddings_to_mean(model, trained_vocab, len(new_tokens))
     elif added and len(tokenizer) > rows:
         resize_embeddings_to_mean(model, len(tokenizer), len(tokenizer) - rows)
+    _load_tower(model.get_vision_tower(), config, tower_missing)
     tower = model.get_vision_tower()
-    if tower_missing:
-        tower.load_model()
-    else:
-        tower.is_loaded = True
     embed = model.get_input_embeddings().weight
     if tower.device != embed.device or tower.dtype != embed.dtype:
         tower.to(device=embed.device, dtype=embed.dtype)
     return tower.image_processor
+
+
+def tower_weights_trained(config) -> bool:
+    """Whether the tower weights a checkpoint stores are its own (the run trained the tower), not a copy of
+    `mm_vision_tower`'s. Recorded by the trainer (and by the llava-hf import) as `unfreeze_mm_vision_tower`."""
+    return bool(getattr(config, "unfreeze_mm_vision_tower", False))
+
+
+def _load_tower(tower, config, stored_missing: bool) -> None:
+    """Tower weights, the original's way: from `mm_vision_tower`, unless the run trained the tower and stored it."""
+    from llava.model.multimodal_encoder.builder import VisionTowerNotFoundError
+
+    if not stored_missing and tower_weights_trained(config):
+        tower.is_loaded = True
+        return
+    try:
+        tower.load_model()
+    except VisionTowerNotFoundError as err:
+        if stored_missing:
+            raise
+        logger.warning(
+            "%s Using the tower weights stored in the checkpoint instead (the original LLaVA code would stop here).",
+            str(err).split(". Download")[0],
+        )
+        tower.is_loaded = True
 
 
 def load_pretrained_model(
@@ -259,7 +290,7 @@ def load_pretrained_model(
     load_8bit: bool = False,
     load_4bit: bool = False,
     device_map: str | dict | None = "auto",
-    device: str = "cuda",
+    device: str | None = None,
     use_flash_attn: bool = False,
     *,
     vision_tower: str | None = None,
@@ -270,8 +301,14 @@ def load_pretrained_model(
     """Load any LLaVA checkpoint. Returns `(tokenizer, model, image_processor, context_len)`.
 
     `model_name` is accepted for compatibility and only used to guess a chat template for old checkpoints that do
-    not store one; it never decides how the checkpoint is loaded. `vision_tower` overrides the config's
-    `mm_vision_tower` (e.g. a local copy of CLIP). `merge_lora=False` keeps a LoRA as a `PeftModel`.
+    not store one; it never decides how the checkpoint is loaded. `device`: None (the default, where the original
+    said "cuda") picks the best device available (cuda, mps, cpu) and logs it; a device named explicitly must
+    exist. `vision_tower` overrides the config's `mm_vision_tower` (e.g. a local copy of CLIP). `merge_lora=False`
+    keeps a LoRA as a `PeftModel`.
+
+    The vision tower is loaded from `mm_vision_tower`, as the original does, even when the checkpoint also stores
+    tower weights; stored tower weights are used when the config says the run trained the tower
+    (`unfreeze_mm_vision_tower`), or, with a warning, when `mm_vision_tower` cannot be found.
     """
     if kwargs:
         logger.info("load_pretrained_model: ignoring unused arguments %s", sorted(kwargs))
@@ -338,7 +375,8 @@ def load_pretrained_model(
         _check_lora_base(path, info.config, base)
         model, tower_missing = _from_pretrained(spec, base, config, load_kwargs, expect_missing=("tower", "projector"))
         tokenizer = _load_tokenizer(path, base)
-        model = _apply_lora(model, path, merge_lora)
+        model, tower_stored = _apply_lora(model, path, merge_lora)
+        tower_missing = tower_missing and not tower_stored
 
     image_processor = _finish_multimodal(_unwrap(model), tokenizer, tower_missing, trained_vocab)
     if stage1_state is not None and getattr(config, "mm_use_im_start_end", False):
@@ -380,7 +418,24 @@ def _check_lora_base(lora_dir: str, lora_config: dict, base_dir: str) -> None:
         )
 
 
+def adapter_module_names(lora_dir: str) -> list[str]:
+    """Names (relative to the LLaVA model) of the modules the adapter in `lora_dir` holds LoRA weights for."""
+    from peft.utils import load_peft_weights
+
+    names = set()
+    for key in load_peft_weights(lora_dir, device="cpu"):
+        if ".lora_" not in key:
+            continue
+        module = key.split(".lora_", 1)[0].removeprefix("base_model.model.")
+        names.add(module)
+    if not names:
+        raise CheckpointError(f"The adapter in `{lora_dir}` holds no LoRA weights (no `lora_` keys).")
+    return sorted(names)
+
+
 def _apply_lora(model, lora_dir: str, merge: bool):
+    """Load `non_lora_trainables.bin` and the adapter onto `model`; returns (model, whether tower weights came
+    with the non-LoRA weights)."""
     non_lora_file = os.path.join(lora_dir, "non_lora_trainables.bin")
     if not os.path.isfile(non_lora_file):
         raise CheckpointError(
@@ -403,12 +458,17 @@ def _apply_lora(model, lora_dir: str, merge: bool):
             raise CheckpointError(f"`{non_lora_file}`: shape mismatch for {wrong[:5]}.")
         model.load_state_dict(rest, strict=False)
 
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    model = PeftModel.from_pretrained(model, lora_dir)
+    peft_config = PeftConfig.from_pretrained(lora_dir)
+    if peft_config.peft_type == "LORA":
+        # Adapters name their targets by short names (`q_proj`, ...) that also match the CLIP tower's layers, which
+        # the original never wraps (its tower does not exist yet at that point). Wrap exactly the adapted modules.
+        peft_config.target_modules = adapter_module_names(lora_dir)
+    model = PeftModel.from_pretrained(model, lora_dir, config=peft_config)
     if merge:
         model = model.merge_and_unload()
-    return model
+    return model, any(_is_tower_key(k) for k in rest)
 
 
 def get_conv_mode(model_config, model_path: str = "", override: str | None = None) -> str:

@@ -27,6 +27,7 @@ import torch
 from transformers import AddedToken, AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.model.checkpoint_compat import finish_checkpoint_dir
 from llava.model.language_model import DECODERS, decoder_for_config
 from llava.model.multimodal_encoder.builder import VISION_TOWERS
 
@@ -397,6 +398,8 @@ def import_from_hf(src: str, dst: str, *, dtype: torch.dtype | str = "auto") -> 
         tokenizer_model_max_length=max_length or text.max_position_embeddings,
         tokenizer_padding_side="right",
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        # The tower weights are part of the llava-hf model: the loader must use the stored copy, not reload it.
+        unfreeze_mm_vision_tower=True,
     )
     conv_mode = match_conv_template(_hf_chat_template(src, tokenizer))
     if conv_mode:
@@ -411,6 +414,7 @@ def import_from_hf(src: str, dst: str, *, dtype: torch.dtype | str = "auto") -> 
     model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
     _tower_image_processor(src, tower_spec, vision).save_pretrained(dst)
+    finish_checkpoint_dir(dst, tokenizer)
     logger.info("Imported llava-hf %s to the original layout in %s", src, dst)
     return dst
 

@@ -7,21 +7,35 @@ What a checkpoint holds follows from what trains (`checkpoint_format`):
 Intermediate `checkpoint-N` directories use the same format (plus optimizer/scheduler/RNG state for resuming), so
 each one loads with `llava.model.builder.load_pretrained_model` as it is. Under ZeRO-3 the trained weights are
 gathered from all ranks before they are written.
+
+A checkpoint is written into `<output_dir>/.saving-checkpoint-N/checkpoint-N` and moved to `<output_dir>/checkpoint-N`
+only once every rank has finished writing, so an interrupted save never looks like a checkpoint; `resumable_checkpoint`
+checks the files of the newest ones before a run resumes from them. A save that runs out of disk space stops with a
+`CheckpointWriteError` naming the file, the directory, the free space and the intact previous checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import json
 import logging
 import os
+import re
+import shutil
+import struct
+import zipfile
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.checkpoint_compat import finish_checkpoint_dir, write_legacy_config_keys
 from llava.train.preprocess import Tokenized, render_supervision
 
 logger = logging.getLogger(__name__)
@@ -197,14 +211,281 @@ def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint_config(model: torch.nn.Module, output_dir: str) -> None:
-    """config.json describing the LLaVA model (never the quantization used while training)."""
+    """config.json describing the LLaVA model (never the quantization used while training), with the legacy keys
+    the original LLaVA's transformers 4.37 reads (`rope_theta`, ...)."""
     base = unwrap_llava(model)
     config = copy.deepcopy(base.config)
     config.architectures = [type(base).__name__]
     config.use_cache = True  # off while training; inference wants it
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
+    if tower is not None and any(p.requires_grad for n, p in tower.named_parameters() if "lora_" not in n):
+        # The stored tower weights are the run's own: loaders must use them, not reload `mm_vision_tower`.
+        config.unfreeze_mm_vision_tower = True
     config.save_pretrained(output_dir)
+    write_legacy_config_keys(output_dir)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint safety
+
+STAGING_PREFIX = ".saving-"  # checkpoint-N is written under <output_dir>/.saving-checkpoint-N/ and then moved up
+STALE_PREFIX = ".stale-"  # an older checkpoint-N being replaced by a new save of the same step
+WEIGHT_FILES = {
+    "projector": ((PROJECTOR_FILE,),),
+    "lora": (("adapter_config.json",), ("adapter_model.safetensors", "adapter_model.bin"), (NON_LORA_FILE,)),
+    "full": (
+        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ),
+}
+# What PyTorch's zip writer says when a write comes up short (it does not report errno).
+TORCH_SHORT_WRITE = re.compile(r"unexpected pos|iostream error|PytorchStreamWriter failed|file write failed")
+# A failed write with less free space than this left on the filesystem is taken for a full disk.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the disk is full); the message says where and what is left intact."""
+
+
+def _torch_file_problem(path: str) -> str | None:
+    """What is wrong with a `torch.save` file (zip format), or None; a cut-off zip lacks its central directory."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # the legacy (pickle) format: no cheap completeness check
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                return f"is cut short ({size} bytes)"
+    except zipfile.BadZipFile as err:
+        return f"is cut short ({size} bytes: {err})"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is cut short ({size} bytes, no header)"
+        n = struct.unpack("<Q", head)[0]
+        if 8 + n > size:
+            return f"is cut short ({size} bytes, header of {n})"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            return f"has an unreadable header ({type(err).__name__})"
+    if 8 + n + end > size:
+        return f"is cut short ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        return "is empty" if os.path.getsize(path) == 0 else f"is not valid JSON ({err})"
+    return None
+
+
+FILE_CHECKS = {".bin": _torch_file_problem, ".pt": _torch_file_problem, ".pth": _torch_file_problem}
+FILE_CHECKS.update({".safetensors": _safetensors_problem, ".json": _json_problem})
+
+
+def checkpoint_problems(path: str, checkpoint_format: str | None = None, optimizer: bool = True) -> list[str]:
+    """Why `checkpoint-N` at `path` cannot be resumed from (empty when it can): trainer_state.json unreadable, the
+    weight files of `checkpoint_format` (any format when None) or the optimizer / DeepSpeed state missing or cut
+    short. Every `.json`, `.bin`, `.pt`, `.pth` and `.safetensors` file in it (and in DeepSpeed's `global_stepN`) is
+    checked for completeness."""
+    problems = []
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        problems.append("`trainer_state.json` is missing")
+    else:
+        bad = _json_problem(state_file)
+        if bad is None:
+            with open(state_file, encoding="utf-8") as f:
+                state = json.load(f)
+            if not isinstance(state, dict) or "global_step" not in state:
+                bad = "has no `global_step`"
+        if bad:
+            problems.append(f"`trainer_state.json` {bad}")
+    formats = [checkpoint_format] if checkpoint_format else list(WEIGHT_FILES)
+    missing_by_format = {
+        fmt: [
+            " or ".join(f"`{n}`" for n in names)
+            for names in WEIGHT_FILES[fmt]
+            if not any(os.path.isfile(os.path.join(path, n)) for n in names)
+        ]
+        for fmt in formats
+    }
+    if all(missing_by_format.values()):
+        problems.append(f"weights missing: {', '.join(missing_by_format[formats[0]])}")
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path))]
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):  # DeepSpeed: latest names the global_stepN folder holding model and optimizer state
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        tag_dir = os.path.join(path, tag)
+        names = sorted(os.listdir(tag_dir)) if tag and os.path.isdir(tag_dir) else []
+        for kind in ("model_states.pt", "optim_states.pt"):
+            if optimizer and not any(n.endswith(kind) for n in names):
+                problems.append(f"DeepSpeed state `{tag or '(latest is empty)'}/*{kind}` is missing")
+        files += [os.path.join(tag_dir, n) for n in names]
+    elif optimizer:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if not os.path.isfile(os.path.join(path, name)):
+                problems.append(f"`{name}` is missing")
+    for file in files:
+        check = FILE_CHECKS.get(os.path.splitext(file)[1])
+        if check is not None and os.path.isfile(file) and os.path.basename(file) != "trainer_state.json":
+            bad = check(file)
+            if bad:
+                problems.append(f"`{os.path.relpath(file, path)}` {bad}")
+    return problems
+
+
+def numbered_checkpoints(output_dir: str) -> list[str]:
+    """The `checkpoint-N` directories in `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def resumable_checkpoint(output_dir: str, checkpoint_format: str | None = None, optimizer: bool = True) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` whose files are complete; each newer broken one is named in a
+    warning with what is wrong with it (it is left in place for the user to look at or delete)."""
+    for path in numbered_checkpoints(output_dir):
+        problems = checkpoint_problems(path, checkpoint_format, optimizer)
+        if not problems:
+            return path
+        logger.warning(
+            "Not resuming from `%s`: it is incomplete (a save interrupted or a full disk?): %s. Trying an older one.",
+            path,
+            "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""),
+        )
+    return None
+
+
+def remove_unfinished_saves(output_dir: str) -> None:
+    """Delete the staging folders an interrupted save left in `output_dir` (never a `checkpoint-N`)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith((STAGING_PREFIX + PREFIX_CHECKPOINT_DIR, STALE_PREFIX + PREFIX_CHECKPOINT_DIR)):
+            logger.warning("Removing `%s`, left by a save that did not finish.", os.path.join(output_dir, name))
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _newest_file(directory: str) -> str | None:
+    newest = None
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            stamp = os.stat(path).st_mtime_ns
+            if newest is None or stamp >= newest[0]:
+                newest = (stamp, path)
+    return newest[1] if newest else None
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def disk_full_reason(err: BaseException, directory: str) -> str | None:
+    """A description of `err` when it means the disk under `directory` is full, else None. PyTorch's zip writer
+    reports a short write as `unexpected pos ...` / `iostream error` without errno, so free space decides too."""
+    free = shutil.disk_usage(_existing_parent(directory)).free
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os.strerror(err.errno)
+    if isinstance(err, (OSError, RuntimeError)) and (TORCH_SHORT_WRITE.search(str(err)) or free < NEARLY_FULL_BYTES):
+        return f"a short write ({str(err).strip().splitlines()[-1][:120]})"
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: str | None = None):
+    """Turn a write failure under `directory` caused by a full disk into a `CheckpointWriteError` that names the
+    file, the directory, the free space and `previous` (the checkpoint still intact); `cleanup` (a staging folder)
+    is removed first, which gives the space of the unfinished save back."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        reason = disk_full_reason(err, directory)
+        if reason is None or isinstance(err, CheckpointWriteError):
+            raise
+        file = getattr(err, "filename", None) or _newest_file(directory) or "(unknown)"
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        usage = shutil.disk_usage(_existing_parent(directory))
+        intact = (
+            f"The previous checkpoint `{previous}` is intact; free some space (or point --output_dir at a larger "
+            "disk) and run the same command again to resume from it."
+            if previous
+            else "There is no earlier checkpoint to resume from; free some space and start again."
+        )
+        raise CheckpointWriteError(
+            f"No space left on device while saving {what}: writing `{file}` in `{directory}` failed ({reason}); "
+            f"{_human_bytes(usage.free)} free of {_human_bytes(usage.total)} on that filesystem"
+            + (" (the unfinished save was removed)" if cleanup else "")
+            + f". {intact}"
+        ) from err
+
+
+class SkippedRecords(TrainerCallback, ExportableState):
+    """The dataset records left out of training (`--skip_bad_records True`): those found bad before step 1 and those
+    whose images failed to load during training. Saved in trainer_state.json (`stateful_callbacks`) with each
+    checkpoint and restored on resume, so the count covers the whole run."""
+
+    def __init__(self, before_training: Sequence[int] = ()):
+        self.before_training = sorted(set(before_training))
+        self.during_training: set[int] = set()
+
+    @property
+    def count(self) -> int:
+        return len(set(self.before_training) | self.during_training)
+
+    def state(self) -> dict:
+        return {
+            "args": {},
+            "attributes": {
+                "count": self.count,
+                "before_training": list(self.before_training),
+                "during_training": sorted(self.during_training),
+            },
+        }
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, dict):  # resumed: keep the records the first part of the run skipped
+            self.during_training |= set(saved.get("attributes", {}).get("during_training", []))
+
+    def gather(self) -> None:
+        """Union of every rank's records (each rank loads different samples); collective: call on all ranks."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            lists: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(lists, sorted(self.during_training))
+            self.during_training = {i for part in lists for i in part}
 
 
 # -------------------------------------------------------------------------------------------------------- trainer
@@ -224,6 +505,10 @@ class LLaVATrainer(Trainer):
         self._samples_seen = 0
         self._masked_seen = 0
         self._masked_example: Tokenized | None = None
+        self._placeholder_batch = False
+        self._staging_dir: str | None = None
+        self.skipped_records = SkippedRecords(getattr(self.train_dataset, "skipped_before_training", ()))
+        self.add_callback(self.skipped_records)
 
     # -- sampling --------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -273,6 +558,13 @@ class LLaVATrainer(Trainer):
         return self.optimizer
 
     # -- loss ------------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The collator reports records it dropped (`--skip_bad_records`); a batch left with none is a placeholder.
+        inputs = dict(inputs)
+        self.skipped_records.during_training.update(inputs.pop("skipped_records", ()))
+        self._placeholder_batch = bool(inputs.pop("placeholder_batch", False))
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._needs_dummy_image(inputs):
             inputs = self._with_dummy_image(inputs)
@@ -280,7 +572,7 @@ class LLaVATrainer(Trainer):
             num_items_in_batch = num_items_in_batch.clamp(min=1)  # nothing supervised: loss 0, not 0/0
         labels = inputs.get("labels")
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if labels is not None and model.training:
+        if labels is not None and model.training and not self._placeholder_batch:
             self._track_masked(inputs, labels)
         return out
 
@@ -342,6 +634,7 @@ class LLaVATrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
             if self.args.should_save:
                 save_checkpoint_config(self.model, output_dir)
+                finish_checkpoint_dir(output_dir, self.processing_class)
             return
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         with gathered([p for _, p in named]):
@@ -358,8 +651,45 @@ class LLaVATrainer(Trainer):
         save_checkpoint_config(self.model, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        finish_checkpoint_dir(output_dir, self.processing_class)  # tokenizer.model, a peft-0.10 adapter config
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         logger.info("Saved a `%s` checkpoint to %s", self.checkpoint_format, output_dir)
+
+    def _get_output_dir(self, trial) -> str:
+        # While `_save_checkpoint` runs, transformers writes `checkpoint-N` under the staging folder.
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' save of `checkpoint-N` (weights, optimizer, RNG, DeepSpeed's `global_stepN`, trainer state)
+        into `<output_dir>/.saving-checkpoint-N/`, then, once every rank is done, moved to `<output_dir>/checkpoint-N`
+        by the saving rank; a full disk stops the run with a `CheckpointWriteError`."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        previous = resumable_checkpoint(run_dir, self.checkpoint_format) if self.args.should_save else None
+        self.skipped_records.gather()
+        self._staging_dir = staging
+        try:
+            cleanup = staging if self.args.should_save else None
+            with disk_full_errors(staging, f"`{name}`", previous, cleanup):
+                super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its files (DeepSpeed: its own shards)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            if os.path.exists(final):  # a resumed run saving a step again (e.g. over a broken checkpoint-N)
+                stale = os.path.join(run_dir, STALE_PREFIX + name)
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            os.rmdir(staging)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
@@ -383,7 +713,20 @@ class LLaVATrainer(Trainer):
             if hasattr(self.train_dataset, "describe") and len(self.train_dataset):
                 example = self.train_dataset.describe(0, self.processing_class)
                 logger.info("Sample 0 as the model sees it, supervised spans in [[...]]:\n%s", example)
-        return super().train(*args, **kwargs)
+        result = super().train(*args, **kwargs)
+        skipped = self.skipped_records
+        skipped.gather()
+        self.state.stateful_callbacks[type(skipped).__name__] = skipped.state()  # for the final trainer_state.json
+        if skipped.count and self.args.should_log:
+            logger.warning(
+                "Skipped %d bad record(s) of the dataset in this run (%d found before step 1, %d while training: "
+                "records %s); the list is in trainer_state.json under `stateful_callbacks.SkippedRecords`.",
+                skipped.count,
+                len(skipped.before_training),
+                len(skipped.during_training),
+                sorted(set(skipped.before_training) | skipped.during_training)[:20],
+            )
+        return result
 
 
 def _load_partial(model: torch.nn.Module, state: dict, source: str) -> None:
