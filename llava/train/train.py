@@ -472,3 +472,171 @@ def close_distributed() -> None:
 if __name__ == "__main__":
     train()
     close_distributed()
+
+
+# ---------------------------------------------------------------------------------------------- original's helpers
+# The helpers the original `llava/train/train.py` offered to code that imports them (forks, notebooks), with its call
+# signatures, as thin layers over our preprocessing, dataset and trainer. Like the original, `preprocess` and
+# `make_supervised_data_module` take the template from `llava.conversation.default_conversation` (set it to a
+# `conv_templates` entry first, as the original's `train()` did) unless `version=` names one.
+
+
+def rank0_print(*args) -> None:
+    """`print` on the main process only (rank 0, or no process group)."""
+    if (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    ):
+        print(*args)
+
+
+def _default_template_name() -> str:
+    """The `conv_templates` name of `llava.conversation.default_conversation` (the original's global template)."""
+    import llava.conversation as conversation_lib
+
+    current = conversation_lib.default_conversation
+    for match in (lambda conv: conv is current, lambda conv: conv == current):
+        for name, conv in conv_templates.items():
+            if match(conv):
+                return name
+    raise ValueError(
+        "`llava.conversation.default_conversation` is not one of `conv_templates` (it was changed after copying?); "
+        f"pass `version=` with a template name: {', '.join(sorted(conv_templates))}."
+    )
+
+
+_WRAPPED_IMAGE_MARKERS = {
+    "<im_start><image><im_end>": "mm_use_im_start_end",  # DEFAULT_IM_START_TOKEN + marker + DEFAULT_IM_END_TOKEN
+    "<Image><image></Image>": "mmtag",  # what `*_mmtag` templates put around the marker
+}
+
+
+def _unwrap_markers(text: str) -> tuple[str, bool]:
+    """`text` with marker wrappers that `preprocess_multimodal` added removed (our preprocessor adds them again)."""
+    start_end = False
+    for wrapped, kind in _WRAPPED_IMAGE_MARKERS.items():
+        if wrapped in text:
+            text = text.replace(wrapped, "<image>")
+            start_end = start_end or kind == "mm_use_im_start_end"
+    return text, start_end
+
+
+def preprocess_multimodal(sources: list[list[dict]], data_args) -> list[list[dict]]:
+    """The original's image-marker placement, in place on LLaVA-format `sources` (lists of `{from, value}` turns).
+
+    When `data_args.is_multimodal`, a turn holding `<image>` gets one marker at its start (`"<image>\\n" + text`,
+    the others removed), wrapped in `<Image></Image>` when the default template's version has `mmtag`, and in
+    `<im_start>`/`<im_end>` when `data_args.mm_use_im_start_end`. `preprocess` accepts text in this form as well as
+    the raw form.
+    """
+    import llava.conversation as conversation_lib
+
+    if not getattr(data_args, "is_multimodal", False):
+        return sources
+    mmtag = "mmtag" in conversation_lib.default_conversation.version
+    start_end = getattr(data_args, "mm_use_im_start_end", False)
+    for source in sources:
+        for turn in source:
+            text = turn["value"]
+            if "<image>" in text:
+                text = ("<image>\n" + text.replace("<image>", "").strip()).strip()
+                if mmtag:
+                    text = text.replace("<image>", "<Image><image></Image>")
+            if start_end:
+                text = text.replace("<image>", "<im_start><image><im_end>")
+            turn["value"] = text
+    return sources
+
+
+def preprocess(
+    sources: list[list[dict]],
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    has_image: bool = False,
+    version: str | None = None,
+) -> dict:
+    """LLaVA-format conversations -> `{"input_ids": (B, T), "labels": (B, T)}` LongTensors, as the original's `preprocess`.
+
+    Each source is a list of `{"from": "human"|"gpt", "value": ...}` turns. Tokens come from our one preprocessing
+    path (`llava.train.preprocess.Preprocessor`): only assistant replies are supervised and `<image>` becomes
+    IMAGE_TOKEN_INDEX. Several sources are right-padded to the longest (pad id / IGNORE_INDEX); nothing is truncated
+    (our dataset truncates knowing each image's feature count). With `has_image=False` a conversation must not hold
+    `<image>` (the original would tokenize it as text).
+    """
+    from llava.constants import IGNORE_INDEX
+    from llava.train.data import _messages
+
+    version = version or _default_template_name()
+    rows = []
+    for n, source in enumerate(sources):
+        messages, start_end = [], False
+        for role, text in _messages({"conversations": source})[0]:
+            text, wrapped = _unwrap_markers(text)
+            start_end = start_end or wrapped
+            messages.append((role, text))
+        num_images = sum(text.count("<image>") for _, text in messages)
+        if num_images and not has_image:
+            raise ValueError(
+                f"preprocess: source {n} holds {num_images} `<image>` marker(s) but has_image=False; pass "
+                "has_image=True (each marker becomes IMAGE_TOKEN_INDEX) or remove the markers."
+            )
+        rows.append(Preprocessor(tokenizer, version, start_end)(messages, num_images))
+    width = max(len(row.input_ids) for row in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([row.input_ids + [pad_id] * (width - len(row.input_ids)) for row in rows])
+    labels = torch.tensor([row.labels + [IGNORE_INDEX] * (width - len(row.labels)) for row in rows])
+    return dict(input_ids=input_ids, labels=labels)
+
+
+def make_supervised_data_module(
+    tokenizer: transformers.PreTrainedTokenizerBase, data_args, model=None, version: str | None = None
+) -> dict:
+    """`{"train_dataset", "eval_dataset": None, "data_collator"}` for `data_args.data_path`, as the original.
+
+    `data_args` needs `data_path` and, for images, `image_folder` (plus optional `image_aspect_ratio`,
+    `image_grid_pinpoints`, `mm_use_im_start_end`, `image_processor`). Unlike the original, a dataset with images
+    also needs `model=` (the LLaVA model): each image's feature count is read from its tower and projector.
+    Sequences are cut at `tokenizer.model_max_length`.
+    """
+    records = load_records(
+        data_args.data_path,
+        getattr(data_args, "image_folder", None),
+        getattr(data_args, "validate_images", "header"),
+        getattr(data_args, "skip_bad_records", False),
+    )
+    image_processor = getattr(data_args, "image_processor", None)
+    counter = None
+    if model is not None:
+        base = unwrap_llava(model)
+        counter = ImageTokenCounter(base)
+        image_processor = image_processor or base.get_vision_tower().image_processor
+    elif any(record.images for record in records):
+        raise ValueError(
+            f"make_supervised_data_module: `{data_args.data_path}` has images; pass `model=` (the LLaVA model) so "
+            "that each image's feature count is known."
+        )
+    dataset = LazySupervisedDataset(
+        records,
+        Preprocessor(tokenizer, version or _default_template_name(), getattr(data_args, "mm_use_im_start_end", False)),
+        max_length=tokenizer.model_max_length,
+        image_processor=image_processor,
+        image_tokens=counter,
+        image_config={
+            "image_aspect_ratio": getattr(data_args, "image_aspect_ratio", "square"),
+            "image_grid_pinpoints": getattr(data_args, "image_grid_pinpoints", None),
+        },
+        source=data_args.data_path,
+        skip_bad=getattr(data_args, "skip_bad_records", False),
+    )
+    collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
+    return dict(train_dataset=dataset, eval_dataset=None, data_collator=collator)
+
+
+def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: str) -> None:
+    """Save the trained model to `output_dir`, as the original's helper of that name.
+
+    With our `LLaVATrainer` (what `train()` builds) this writes the complete checkpoint of the run's kind: stage 1
+    gives `config.json` + `mm_projector.bin`, LoRA the adapter + `non_lora_trainables.bin`, full a whole model; each
+    loads with `load_pretrained_model`. Other trainers save as their `save_model` does. DeepSpeed ZeRO-3 shards are
+    gathered by the trainer.
+    """
+    trainer.save_model(output_dir)
