@@ -9,7 +9,13 @@ model_vqa_science answers.
 
 A prompt format is INPUT-OUTPUT: the input's letters say what the question shows and in which order (C context,
 Q question, M options, L lecture, E explanation/solution), the output's what the answer holds (A the answer
-letter). LLaVA-1.5 evaluates with CQM-A; the LLaVA paper fine-tuned on QCM-LEA. Images go under `<id>/image.png`.
+letter). The LLaVA paper fine-tuned on QCM-LEA. Images go under `<id>/image.png`. The output is byte for byte the
+original converter's (tests/compat/test_eval_compat.py runs both).
+
+Note: `--prompt-format CQM-A` writes the original converter's CQM-A ("Options: (A) ... (B) ...", answers
+"The answer is A."); it is NOT the `llava_test_CQM-A.json` that LLaVA-1.5's sqa.sh reads, which has one `A. ...`
+line per option and bare-letter answers and comes with the original eval.zip (the original has no script that
+writes it either).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ def _lepa(answer: str, lecture: str, solution: str) -> str:
 
 OUTPUT_FORMATS = {
     "A": "Answer: The answer is {answer}.",
-    "AL": "Answer: The answer is {answer}. BECAUSE: {lecture}",
-    "AE": "Answer: The answer is {answer}. BECAUSE: {solution}",
+    # AL shows the solution and AE the lecture: swapped in the original, kept so its data files are rebuilt exactly.
+    "AL": "Answer: The answer is {answer}. BECAUSE: {solution}",
+    "AE": "Answer: The answer is {answer}. BECAUSE: {lecture}",
     "ALE": "Answer: The answer is {answer}. BECAUSE: {lecture} {solution}",
     "AEL": "Answer: The answer is {answer}. BECAUSE: {solution} {lecture}",
     "LA": "Answer: {lecture} The answer is {answer}.",
@@ -79,8 +86,9 @@ def build_example(problem: dict, prompt_format: str, use_caption: bool = False, 
         "context": context or "N/A",
         "choice": " ".join(f"({OPTIONS[i]}) {c}" for i, c in enumerate(problem["choices"])),
         "answer": OPTIONS[problem["answer"]],
-        "lecture": problem.get("lecture") or "",
-        "solution": problem.get("solution") or "",
+        # The original round-trips these through "\\n" escapes, so a literal backslash-n becomes a line break.
+        "lecture": (problem.get("lecture") or "").replace("\\n", "\n"),
+        "solution": (problem.get("solution") or "").replace("\\n", "\n"),
     }
     text_in = INPUT_FORMATS[input_format].format(**fields)
     template = OUTPUT_FORMATS[output_format]
@@ -108,9 +116,13 @@ def _examples(base_dir: str, split: str, prompt_format: str):
     for prob_id in ids:
         problem = problems[prob_id]
         text_in, text_out = build_example(problem, prompt_format)
-        text_in = text_in.removeprefix("Question: ")
-        text_out = text_out.removeprefix("Answer: ").strip()  # an empty lecture/solution leaves a space
-        image = os.path.join(prob_id, problem["image"]) if problem.get("image") else None
+        # As the original: a leading "Question: " / "Answer: " removes every occurrence, and nothing is stripped
+        # after it (LEA with no lecture and no solution keeps a leading space: " The answer is C.").
+        if text_in.startswith("Question: "):
+            text_in = text_in.replace("Question: ", "")
+        if text_out.startswith("Answer: "):
+            text_out = text_out.replace("Answer: ", "")
+        image = os.path.join(prob_id, problem["image"]) if problem.get("image") is not None else None
         yield prob_id, image, text_in, text_out
 
 

@@ -138,8 +138,9 @@ def test_convert_sqa_to_llava_formats(tmp_path):
             {"from": "gpt", "value": "Heat flows. Fire is hot. The answer is B."},
         ],
     }
-    # No lecture or solution: the double space they leave is closed up.
-    assert records[1]["conversations"][1]["value"] == "The answer is C."
+    # No lecture or solution: the original's output keeps one leading space (byte-identical to the original
+    # converter, issue 12; this test used to expect it stripped).
+    assert records[1]["conversations"][1]["value"] == " The answer is C."
     assert "image" not in records[1]
     cqm = json.load(
         open(
@@ -595,7 +596,7 @@ def test_pope_script_end_to_end(tmp_path, tiny):
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }
     done = subprocess.run(
-        ["bash", "scripts/v1_5/eval/pope.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        ["bash", "scripts/v1_5/eval/pope.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
     )
     assert done.returncode == 0, done.stderr[-3000:]
     files = glob.glob(str(pope / "answers" / "*.jsonl"))
