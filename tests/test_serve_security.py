@@ -1,0 +1,391 @@
+"""The serving stack under attack (issue 14, items 1-4), with real processes on 127.0.0.1: a rogue worker, calls
+without the cluster key, SSRF targets on loopback and link-local, image bombs, and the web UI's uploads."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from serve_helpers import Proc, free_port, wait_until
+
+from llava.conversation import get_conv_template
+from llava.serve.client import CLUSTER_KEY_HEADER, stream_worker
+
+pytestmark = pytest.mark.slow
+
+KEY = "s3cret-cluster-key"
+API_KEY = "user-key"
+AUTH = {CLUSTER_KEY_HEADER: KEY}
+RSS_BOUND_KB = 300 * 1024
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def png_bytes(size: tuple[int, int], color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def prompt(question: str, n_images: int = 0) -> str:
+    conv = get_conv_template("llava_v1")
+    conv.append_message(conv.roles[0], "<image>\n" * n_images + question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A loopback HTTP server of the test's own: records every request; /redirect?to=URL redirects, anything else
+    answers 200 with a secret that must never show up in an error."""
+
+    def _answer(self):
+        self.server.hits.append(self.path)
+        if self.path.startswith("/redirect?to="):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("=", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"TOP-SECRET-METADATA " * 10
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def start_recorder(host: str = "127.0.0.1"):
+    server = http.server.ThreadingHTTPServer((host, 0), Recorder)
+    server.hits = []
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class Stack:
+    def __init__(self, tmp: str):
+        self.tmp, self.procs = tmp, []
+
+    def start(self, name: str, module: str, args: list[str], env: dict | None = None) -> Proc:
+        proc = Proc(name, module, args, self.tmp, {"OMP_NUM_THREADS": "1", **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, name: str, port: int, controller: str, checkpoint: str, extra=(), env=None) -> Proc:
+        args = ["--port", str(port), "--worker", f"http://127.0.0.1:{port}", "--controller", controller]
+        args += ["--model-path", checkpoint, "--model-name", "alpha", "--device", "cpu", "--heart-beat-interval", "0.5"]
+        return self.start(name, "llava.serve.model_worker", args + list(extra), env)
+
+    def stop(self):
+        for proc in self.procs:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny):
+    model = tiny.model("llama", seed=11)
+    model.config.conv_template = "llava_v1"
+    return tiny.save_full(model)
+
+
+@pytest.fixture(scope="module")
+def secure(checkpoint, tmp_path_factory):
+    """Controller, worker, two API servers (image URLs off / on) and the web UI, all sharing KEY."""
+    s = Stack(str(tmp_path_factory.mktemp("secure")))
+    ports = {n: free_port() for n in ("controller", "worker", "api", "api_urls", "web")}
+    s.controller = f"http://127.0.0.1:{ports['controller']}"
+    s.worker_url = f"http://127.0.0.1:{ports['worker']}"
+    s.api = f"http://127.0.0.1:{ports['api']}"
+    s.api_urls = f"http://127.0.0.1:{ports['api_urls']}"
+    s.web = f"http://127.0.0.1:{ports['web']}"
+    s.uploads = os.path.join(s.tmp, "gradio-uploads")
+    try:
+        s.start(
+            "controller",
+            "llava.serve.controller",
+            ["--port", str(ports["controller"]), "--cluster-key", KEY, "--heart-beat-expiration", "5"],
+        )
+        s.worker_proc = s.worker("worker", ports["worker"], s.controller, checkpoint, env={"LLAVA_CLUSTER_KEY": KEY})
+        common = ["--controller", s.controller, "--cluster-key", KEY, "--api-key", API_KEY]
+        s.start("api", "llava.serve.openai_api_server", ["--port", str(ports["api"]), *common])
+        s.start(
+            "api_urls",
+            "llava.serve.openai_api_server",
+            # URLs on, loopback allowed for 127.0.0.2 only: the redirect tests serve from there
+            ["--port", str(ports["api_urls"]), *common, "--allow-image-urls", "--image-url-allow", "127.0.0.2"],
+        )
+        s.web_proc = s.start(
+            "web",
+            "llava.serve.gradio_web_server",
+            ["--port", str(ports["web"]), "--controller", s.controller, "--model-list-mode", "reload"]
+            + ["--log-dir", os.path.join(s.tmp, "logs"), "--max-file-size", "2mb", "--upload-max-age", "3"],
+            env={"LLAVA_CLUSTER_KEY": KEY, "GRADIO_TEMP_DIR": s.uploads},
+        )
+        models = lambda: requests.post(s.controller + "/list_models", headers=AUTH, timeout=5).json()["models"]  # noqa: E731
+        wait_until(lambda: models() == ["alpha"], 180, "the worker to register with its key", s.procs)
+        for url in (s.api, s.api_urls):
+            wait_until(lambda u=url: requests.get(u + "/health", timeout=2).ok, 60, "the API servers", s.procs)
+        wait_until(lambda: requests.get(s.web + "/", timeout=2).ok, 120, "the web UI", s.procs)
+        yield s
+    finally:
+        s.stop()
+
+
+def chat(api: str, content, max_tokens: int = 4) -> requests.Response:
+    body = {"model": "alpha", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+    body["temperature"] = 0
+    return requests.post(
+        api + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300
+    )
+
+
+def image_message(url: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. The cluster key
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_rogue_worker_cannot_join(secure):
+    rogue = start_recorder()
+    name = f"http://127.0.0.1:{rogue.server_address[1]}"
+    status = {"model_names": ["alpha"], "speed": 1000, "queue_length": 0}
+    try:
+        for headers in ({}, {CLUSTER_KEY_HEADER: "wrong"}, {CLUSTER_KEY_HEADER: KEY + "x"}):
+            registered = requests.post(
+                secure.controller + "/register_worker",
+                json={"worker_name": name, "check_heart_beat": True, "worker_status": status},
+                headers=headers,
+                timeout=10,
+            )
+            assert registered.status_code == 401, registered.text
+            assert CLUSTER_KEY_HEADER in registered.json()["text"]
+            beat = requests.post(
+                secure.controller + "/receive_heart_beat",
+                json={"worker_name": secure.worker_url, "queue_length": 0},
+                headers=headers,
+                timeout=10,
+            )
+            assert beat.status_code == 401
+        # users' requests all go to the real worker; the rogue never hears a thing
+        for _ in range(4):
+            response = chat(secure.api, "Hello")
+            assert response.status_code == 200, response.text
+        assert rogue.hits == []
+        assert requests.post(secure.controller + "/list_models", headers=AUTH, timeout=10).json() == {
+            "models": ["alpha"]
+        }
+    finally:
+        rogue.shutdown()
+
+
+def test_controller_and_worker_refuse_calls_without_the_key(secure):
+    controller_paths = ["/register_worker", "/receive_heart_beat", "/refresh_all_workers", "/list_models"]
+    controller_paths += ["/get_worker_address", "/worker_get_status", "/worker_generate_stream"]
+    worker_paths = ["/worker_generate_stream", "/worker_get_status", "/model_details", "/worker_get_conv_template"]
+    body = {"model": "alpha", "prompt": prompt("Hi"), "max_new_tokens": 2, "worker_name": "x"}
+    targets = [secure.controller + p for p in controller_paths] + [secure.worker_url + p for p in worker_paths]
+    for url in targets:
+        for headers in ({}, {CLUSTER_KEY_HEADER: "nope"}, {"Authorization": f"Bearer {KEY}"}):
+            response = requests.post(url, json=body, headers=headers, timeout=10)
+            assert response.status_code == 401, (url, headers, response.status_code)
+    for base in (secure.controller, secure.worker_url):
+        assert requests.get(base + "/health", timeout=10).status_code == 401
+        assert requests.get(base + "/health", headers=AUTH, timeout=10).status_code == 200
+    # with the key everything works: directly at the worker, through the controller's relay, and via client.py
+    assert requests.post(secure.worker_url + "/model_details", headers=AUTH, timeout=10).json()["model_name"] == "alpha"
+    for url in (secure.worker_url, secure.controller):
+        chunks = list(stream_worker(url + "/worker_generate_stream", body, KEY, timeout=(10, 300)))
+        assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].startswith(body["prompt"]), chunks[-1:]
+    refused = list(stream_worker(secure.worker_url + "/worker_generate_stream", body, None))
+    assert len(refused) == 1 and "cluster key" in refused[0]["text"] and refused[0]["error_code"]
+
+
+def test_original_protocol_without_a_key_on_loopback_and_loud_warning_elsewhere(checkpoint, tmp_path):
+    s = Stack(str(tmp_path))
+    port, worker_port, exposed = free_port(), free_port(), free_port()
+    controller = f"http://127.0.0.1:{port}"
+    env = {"LLAVA_CLUSTER_KEY": ""}
+    try:
+        ctl = s.start("controller", "llava.serve.controller", ["--port", str(port)], env)
+        worker = s.worker("worker", worker_port, controller, checkpoint, env=env)
+        open_ctl = s.start("exposed", "llava.serve.controller", ["--host", "0.0.0.0", "--port", str(exposed)], env)
+        listed = lambda: requests.post(controller + "/list_models", timeout=5).json()["models"] == ["alpha"]  # noqa: E731
+        wait_until(listed, 180, "the keyless worker to register", [ctl, worker])
+        body = {"model": "alpha", "prompt": prompt("Hi"), "max_new_tokens": 2}
+        chunks = list(stream_worker(controller + "/worker_generate_stream", body))  # the original protocol, no key
+        assert chunks[-1]["error_code"] == 0
+        wait_until(lambda: "WARNING" in open_ctl.log_tail(), 60, "the exposed controller's warning", [open_ctl])
+        log = open_ctl.log_tail()
+        assert "WITHOUT a cluster key" in log and "--cluster-key" in log and "0.0.0.0" in log
+        assert "WITHOUT a cluster key" not in ctl.log_tail() + worker.log_tail()
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. SSRF
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_urls_are_off_by_default(secure):
+    target = start_recorder()
+    url = f"http://127.0.0.1:{target.server_address[1]}/cat.png"
+    try:
+        response = chat(secure.api, image_message(url))
+        assert response.status_code == 400 and "--allow-image-urls" in response.json()["error"]["message"]
+        body = {"model": "alpha", "prompt": prompt("What?", 1), "images": [url], "max_new_tokens": 2}
+        refused = requests.post(secure.worker_url + "/worker_generate_stream", json=body, headers=AUTH, timeout=30)
+        assert refused.status_code == 400 and "--allow-image-urls" in refused.json()["text"]
+        assert target.hits == []
+    finally:
+        target.shutdown()
+
+
+def test_ssrf_targets_are_refused_by_address(secure):
+    recorder = start_recorder()
+    here = f"http://127.0.0.1:{recorder.server_address[1]}"
+    redirector = start_recorder("127.0.0.2")  # allowed by --image-url-allow 127.0.0.2
+    there = f"http://127.0.0.2:{redirector.server_address[1]}"
+    closed = f"http://127.0.0.2:{free_port()}"
+    try:
+        cases = [
+            (secure.controller + "/list_models", "loopback address 127.0.0.1"),
+            (secure.worker_url + "/worker_get_status", "loopback address 127.0.0.1"),
+            (here + "/x.png", "loopback address 127.0.0.1"),
+            ("http://localhost:1/x.png", "loopback address"),
+            ("http://169.254.169.254/latest/meta-data/", "link-local address 169.254.169.254"),
+            ("http://10.1.2.3/x.png", "private address 10.1.2.3"),
+            ("http://[::1]:1/x.png", "loopback address ::1"),
+            ("http://0.0.0.0:1/x.png", "unspecified address"),
+            ("http://224.0.0.1/x.png", "multicast address"),
+            (f"{there}/redirect?to={here}/x.png", "redirects to a loopback address"),
+            (f"{there}/redirect?to=http://169.254.169.254/latest", "redirects to a link-local address"),
+        ]
+        for url, expected in cases:
+            response = chat(secure.api_urls, image_message(url))
+            message = response.json()["error"]["message"]
+            assert response.status_code == 400 and expected in message, (url, message)
+            assert "--image-url-allow" in message
+        assert recorder.hits == []  # nothing reached the loopback target, directly or by redirect
+        assert redirector.hits.count("/redirect?to=" + here + "/x.png") == 1
+        # an allowed host that answers with something else: no byte of its answer shows, and an open port reads
+        # exactly like a closed one
+        answered = chat(secure.api_urls, image_message(f"{there}/secret.png")).json()["error"]["message"]
+        nobody = chat(secure.api_urls, image_message(f"{closed}/secret.png")).json()["error"]["message"]
+        assert "SECRET" not in answered and "TOP" not in answered
+        assert answered.replace(there, "") == nobody.replace(closed, ""), (answered, nobody)
+        looping = chat(secure.api_urls, image_message(f"{there}/redirect?to={there}/redirect?to={there}/x"))
+        assert looping.status_code == 400 and "SECRET" not in looping.text
+    finally:
+        recorder.shutdown()
+        redirector.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Image bombs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_bombs_are_refused_cheaply_and_others_still_served(secure):
+    worker = secure.worker_url + "/worker_generate_stream"
+    tall, line, square = png_bytes((2, 12000)), png_bytes((1, 100000)), png_bytes((7000, 7000))
+    bombs = [
+        ([tall], "--max-image-aspect-ratio"),
+        ([line], "--max-image-aspect-ratio"),
+        ([square] * 8, "--max-request-pixels"),
+    ]
+    before = rss_kb(secure.worker_proc.pid)
+
+    def bomb(case):
+        images, _ = case
+        body = {"model": "alpha", "prompt": prompt("What?", len(images)), "images": [data_url(i) for i in images]}
+        return requests.post(worker, json={**body, "max_new_tokens": 2}, headers=AUTH, timeout=300)
+
+    with ThreadPoolExecutor(4) as pool:
+        refused = [pool.submit(bomb, case) for case in bombs for _ in range(2)]
+        normal = pool.submit(
+            lambda: list(stream_worker(worker, {"prompt": prompt("Hi"), "max_new_tokens": 4}, KEY, timeout=(10, 300)))
+        )
+        for future, (_, flag) in zip(refused, [case for case in bombs for _ in range(2)]):
+            response = future.result()
+            assert response.status_code == 400 and flag in response.json()["text"], response.text[:300]
+        assert normal.result()[-1]["error_code"] == 0
+    assert rss_kb(secure.worker_proc.pid) - before < RSS_BOUND_KB
+    # the same limits in front, at the API server, as a 400 in OpenAI's format naming the flag
+    response = chat(secure.api, image_message(data_url(tall)))
+    assert response.status_code == 400 and "--max-image-aspect-ratio" in response.json()["error"]["message"]
+    # a large, reasonable image is shrunk before padding and answered
+    wide = png_bytes((3000, 1000), (10, 200, 10))
+    assert chat(secure.api, image_message(data_url(wide))).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3-4. The web UI: limits before its own preprocessing, plain messages, bounded uploads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_web_ui_refuses_image_bombs_with_a_plain_message(secure, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(secure.web, verbose=False)
+    before = rss_kb(secure.web_proc.pid)
+    for size, flag in (((2, 12000), "--max-image-aspect-ratio"), ((12000, 12000), "--max-image-pixels")):
+        path = tmp_path / f"bomb-{size[0]}x{size[1]}.png"
+        path.write_bytes(png_bytes(size))
+        result = client.predict(
+            "What is it?", handle_file(str(path)), "Default", api_name="/add_text"
+        )  # inputs after the state
+        chat_shown = result[0]
+        text = " ".join(str(m.get("content")) for m in chat_shown)
+        assert "⚠️" in text and flag in text, text
+        assert str(tmp_path) not in text and "/tmp" not in text and "gradio" not in text.lower()
+    assert rss_kb(secure.web_proc.pid) - before < RSS_BOUND_KB
+
+
+def test_upload_endpoint_is_bounded_in_size_and_lifetime(secure):
+    big = os.urandom(3 * 1024 * 1024)  # over --max-file-size 2mb
+    response = requests.post(secure.web + "/gradio_api/upload", files={"files": ("big.bin", big)}, timeout=60)
+    assert response.status_code in (400, 413), (response.status_code, response.text[:200])
+    small = requests.post(secure.web + "/gradio_api/upload", files={"files": ("a.txt", b"hello")}, timeout=60)
+    assert small.status_code == 200, small.text
+    (path,) = small.json()
+    assert os.path.isfile(path) and os.path.realpath(path).startswith(os.path.realpath(secure.uploads))
+    # --upload-max-age 3: the file is gone a few seconds later
+    wait_until(lambda: not os.path.exists(path), 60, "the upload to be deleted", [secure.web_proc], interval=0.5)
+
+
+def test_keys_stay_separate(secure):
+    """The users' API key and the cluster key are different secrets: neither opens the other's door."""
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    as_cluster = requests.post(
+        secure.api + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+    assert as_cluster.status_code == 401
+    as_user = requests.post(secure.controller + "/list_models", headers={CLUSTER_KEY_HEADER: API_KEY}, timeout=10)
+    assert as_user.status_code == 401
