@@ -96,7 +96,9 @@ def cluster(tiny, tmp_path_factory):
         c.start(
             "openai",
             "llava.serve.openai_api_server",
-            ["--port", str(c.ports["openai"]), "--controller", c.controller, "--api-key", "test-key"],
+            # the remote-image check below serves its image from loopback, which must be allowed by name
+            ["--port", str(c.ports["openai"]), "--controller", c.controller, "--api-key", "test-key"]
+            + ["--allow-image-urls", "--image-url-allow", "127.0.0.1/32"],
         )
         c.start(
             "web",

@@ -21,15 +21,19 @@ import time
 import requests
 
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION
+from llava.serve.client import cluster_headers, cluster_key_from, post_json
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
 from llava.serve.server_utils import (
     BadJSON,
     BodyLimitMiddleware,
+    ClusterKeyMiddleware,
+    add_cluster_args,
     add_server_args,
     read_json_object,
     require,
     run_server,
     setup_logging,
+    warn_if_exposed,
 )
 
 require("fastapi", "uvicorn", "httpx")
@@ -56,11 +60,17 @@ class WorkerInfo:
 class Controller:
     """The registry of workers. Thread-safe: every method takes the lock."""
 
-    def __init__(self, dispatch_method: str = "shortest_queue", heart_beat_expiration: float = 30.0):
+    def __init__(
+        self,
+        dispatch_method: str = "shortest_queue",
+        heart_beat_expiration: float = 30.0,
+        cluster_key: str | None = None,
+    ):
         if dispatch_method not in DISPATCH_METHODS:
             raise ValueError(f"Unknown dispatch method `{dispatch_method}`; use one of {', '.join(DISPATCH_METHODS)}.")
         self.dispatch_method = dispatch_method
         self.heart_beat_expiration = heart_beat_expiration
+        self.cluster_key = cluster_key  # sent to workers; also required from every caller (see build_app)
         self.workers: dict[str, WorkerInfo] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -83,10 +93,9 @@ class Controller:
         logger.info("Registered worker %s serving %s", worker_name, status["model_names"])
         return True
 
-    @staticmethod
-    def get_worker_status(worker_name: str) -> dict | None:
+    def get_worker_status(self, worker_name: str) -> dict | None:
         try:
-            response = requests.post(worker_name.rstrip("/") + "/worker_get_status", timeout=5)
+            response = post_json(worker_name.rstrip("/") + "/worker_get_status", {}, self.cluster_key, timeout=5)
             response.raise_for_status()
             return _valid_status(response.json())
         except (requests.RequestException, ValueError, ServeError) as err:
@@ -296,7 +305,7 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
                     "POST",
                     address + "/worker_generate_stream",
                     content=raw,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **cluster_headers(controller.cluster_key)},
                 ),
                 stream=True,
             )
@@ -323,12 +332,18 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
     async def health():
         return {"status": "ok", "workers": len(controller.live_workers())}
 
-    return BodyLimitMiddleware(app, max_request_bytes, lambda message: {"text": message, "error_code": 1})
+    def error_body(message):
+        return {"text": message, "error_code": 1}
+
+    return ClusterKeyMiddleware(
+        BodyLimitMiddleware(app, max_request_bytes, error_body), controller.cluster_key, error_body
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_server_args(parser, port=21001)
+    add_cluster_args(parser)
     parser.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
     parser.add_argument(
         "--heart-beat-expiration",
@@ -342,7 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging("llava.serve.controller")
-    controller = Controller(args.dispatch_method, args.heart_beat_expiration)
+    key = cluster_key_from(args.cluster_key)
+    controller = Controller(args.dispatch_method, args.heart_beat_expiration, key)
+    warn_if_exposed(logger, "controller", args.host, key)
     logger.info("Controller on %s:%d (dispatch: %s)", args.host, args.port, args.dispatch_method)
     run_server(build_app(controller, args.max_request_bytes), args.host, args.port)
 

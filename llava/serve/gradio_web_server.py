@@ -23,8 +23,17 @@ import requests
 
 from llava.constants import LOGDIR
 from llava.conversation import IMAGE_PROCESS_MODES, Conversation, get_conv_template
+from llava.mm_utils import ImageLimits, ImageLoadError, _describe, load_images
+from llava.serve.client import cluster_headers, cluster_key_from, post_json
 from llava.serve.protocol import ErrorCode, iter_chunks
-from llava.serve.server_utils import DEFAULT_HOST, require, setup_logging
+from llava.serve.server_utils import (
+    DEFAULT_HOST,
+    add_cluster_args,
+    add_image_limit_args,
+    image_limits_from,
+    require,
+    setup_logging,
+)
 
 require("gradio", extra="serve")
 
@@ -59,6 +68,8 @@ class WebServer:
         model_list_mode: str = "once",
         request_timeout: float = 120.0,
         max_new_tokens_limit: int = 1536,
+        cluster_key: str | None = None,
+        image_limits: ImageLimits | None = None,
     ):
         if model_list_mode not in ("once", "reload"):
             raise ValueError(f"Unknown --model-list-mode `{model_list_mode}`; use `once` or `reload`.")
@@ -67,14 +78,16 @@ class WebServer:
         self.model_list_mode = model_list_mode
         self.request_timeout = request_timeout
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.cluster_key = cluster_key  # sent to the controller and workers
+        self.image_limits = image_limits or ImageLimits()  # checked on each upload before it is decoded
         self._log_lock = threading.Lock()
         self.models = self.get_model_list() if model_list_mode == "once" else []
 
     # -- controller --------------------------------------------------------------------------------------------
     def get_model_list(self) -> list[str]:
         try:
-            requests.post(self.controller_url + "/refresh_all_workers", timeout=10)
-            response = requests.post(self.controller_url + "/list_models", timeout=10)
+            post_json(self.controller_url + "/refresh_all_workers", {}, self.cluster_key, timeout=10)
+            response = post_json(self.controller_url + "/list_models", {}, self.cluster_key, timeout=10)
             response.raise_for_status()
             return response.json().get("models", [])
         except (requests.RequestException, ValueError) as err:
@@ -84,7 +97,9 @@ class WebServer:
     def worker_for(self, model: str) -> str:
         """The address of a worker for `model`; raises `UserFacingError` with the reason when there is none."""
         try:
-            response = requests.post(self.controller_url + "/get_worker_address", json={"model": model}, timeout=10)
+            response = post_json(
+                self.controller_url + "/get_worker_address", {"model": model}, self.cluster_key, timeout=10
+            )
             response.raise_for_status()
             data = response.json()
         except (requests.RequestException, ValueError) as err:
@@ -98,7 +113,7 @@ class WebServer:
 
     def model_template(self, address: str) -> str:
         try:
-            response = requests.post(address + "/model_details", json={}, timeout=10)
+            response = post_json(address + "/model_details", {}, self.cluster_key, timeout=10)
             response.raise_for_status()
             return response.json().get("conv_mode") or DEFAULT_TEMPLATE
         except (requests.RequestException, ValueError) as err:
@@ -154,7 +169,7 @@ def _last_reply(conv: Conversation):
     return conv.messages[-1][1] if conv.messages else None
 
 
-def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
+def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | None = 3600) -> gr.Blocks:
     def load_demo(request: gr.Request):
         models = server.get_model_list() if server.model_list_mode == "reload" else server.models
         value = models[0] if models else None
@@ -197,6 +212,13 @@ def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
             return (state, state.to_gradio_chatbot(), "", None) + _buttons(False)
         text = text[:MAX_INPUT_CHARS]
         if image is not None:
+            try:  # the server's image limits, checked from the header before the pixels are decoded
+                image = load_images([image], server.image_limits, allow_paths=True)[0]
+            except ImageLoadError as err:  # a plain message, without the temporary file's path
+                notice = str(err).replace(_describe(image), "The uploaded image").replace("Image 1 of 1 was", "It was")
+                state.skip_next = True
+                chat = state.to_gradio_chatbot() + [{"role": "assistant", "content": f"⚠️ {notice}"}]
+                return (state, chat, text, None) + _buttons(False)
             if state.get_images(return_pil=True):  # one image per conversation: a new image starts a new one
                 state = new_conversation()
             message = (text, image, image_process_mode)
@@ -209,8 +231,8 @@ def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
 
     def http_bot(state: Conversation, model: str, temperature, top_p, max_new_tokens, request: gr.Request):
         start = time.time()
-        if state.skip_next:  # nothing was sent (empty input)
-            yield (state, state.to_gradio_chatbot()) + _buttons(len(state.messages) > state.offset)
+        if state.skip_next:  # nothing was sent (empty input or a refused image): keep the chat as add_text left it
+            yield (state, gr.skip()) + _buttons(len(state.messages) > state.offset)
             return
         error = None
         try:
@@ -255,7 +277,9 @@ def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
             record["error"] = error
         server.log(record)
 
-    with gr.Blocks(title="LLaVA") as demo:
+    # uploads live in gradio's cache: delete those older than `upload_max_age` s periodically, and all at shutdown
+    delete_cache = None if upload_max_age is None else (max(1, min(60, upload_max_age // 4 or 1)), upload_max_age)
+    with gr.Blocks(title="LLaVA", delete_cache=delete_cache) as demo:
         state = gr.State(new_conversation())
         if not embed:
             gr.Markdown(TITLE_MD)
@@ -268,7 +292,8 @@ def build_demo(server: WebServer, embed: bool = False) -> gr.Blocks:
                     interactive=True,
                     elem_id="model_selector",
                 )
-                imagebox = gr.Image(type="pil", label="Image", elem_id="imagebox")
+                # a file path, not a PIL image: gradio must not decode an upload before our limits see its header
+                imagebox = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
                 image_process_mode = gr.Radio(
                     list(IMAGE_PROCESS_MODES),
                     value="Default",
@@ -328,7 +353,11 @@ def stream_reply(server: WebServer, address: str, model: str, payload: dict):
     prompt = payload["prompt"]
     try:
         response = requests.post(
-            address + "/worker_generate_stream", json=payload, stream=True, timeout=(10, server.request_timeout)
+            address + "/worker_generate_stream",
+            json=payload,
+            headers=cluster_headers(server.cluster_key),
+            stream=True,
+            timeout=(10, server.request_timeout),
         )
     except requests.RequestException as err:
         raise UserFacingError(
@@ -370,15 +399,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-dir", default=os.environ.get("LLAVA_LOG_DIR", LOGDIR))
     parser.add_argument("--request-timeout", type=float, default=120.0, help="Seconds to wait for a worker.")
     parser.add_argument("--max-file-size", default="20mb", help="Largest upload the page accepts.")
+    parser.add_argument(
+        "--upload-max-age",
+        type=int,
+        default=3600,
+        help="Seconds an uploaded file is kept; older uploads are deleted (checked every min(60, age/4) s, "
+        "and all at shutdown).",
+    )
+    add_cluster_args(parser)
+    add_image_limit_args(parser, urls=False)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging("llava.serve.gradio_web_server")
-    server = WebServer(args.controller_url, args.log_dir, args.model_list_mode, args.request_timeout)
+    server = WebServer(
+        args.controller_url,
+        args.log_dir,
+        args.model_list_mode,
+        args.request_timeout,
+        cluster_key=cluster_key_from(args.cluster_key),
+        image_limits=image_limits_from(args),
+    )
     logger.info("Web UI for %s; models: %s; logs in %s", args.controller_url, server.models, args.log_dir)
-    demo = build_demo(server, embed=args.embed)
+    demo = build_demo(server, embed=args.embed, upload_max_age=args.upload_max_age)
     demo.queue(default_concurrency_limit=args.concurrency_count, api_open=False)
     demo.launch(
         server_name=args.host,

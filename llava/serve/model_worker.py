@@ -26,25 +26,24 @@ from llava.constants import (
     WORKER_HEART_BEAT_INTERVAL,
 )
 from llava.inference import EncodedRequest, GenerationParams, LlavaEngine, RequestError
-from llava.mm_utils import (
-    DEFAULT_DOWNLOAD_TIMEOUT,
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageLoadError,
-    get_model_name_from_path,
-    load_image,
-)
+from llava.mm_utils import ImageLimits, ImageLoadError, get_model_name_from_path, load_images
 from llava.serve.batching import BatchScheduler, Job, QueueFull, SerialScheduler
+from llava.serve.client import cluster_headers, cluster_key_from, post_json
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
 from llava.serve.server_utils import (
     BadJSON,
     BodyLimitMiddleware,
+    ClusterKeyMiddleware,
+    add_cluster_args,
+    add_image_limit_args,
     add_server_args,
+    image_limits_from,
     local_url,
     read_json_object,
     require,
     run_server,
     setup_logging,
+    warn_if_exposed,
 )
 
 require("fastapi", "uvicorn")
@@ -72,20 +71,17 @@ class ModelWorker:
         max_queue: int = 256,
         batch_wait_s: float = 0.005,
         batching: bool = True,
-        max_images: int = 8,
-        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        image_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+        image_limits: ImageLimits | None = None,
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
+        cluster_key: str | None = None,
     ):
         self.engine = engine
         self.model_name = model_name
         self.worker_addr = worker_addr.rstrip("/")
         self.controller_addr = controller_addr.rstrip("/") if controller_addr else None
-        self.max_images = max_images
-        self.max_image_bytes = max_image_bytes
-        self.max_image_pixels = max_image_pixels
-        self.image_timeout = image_timeout
+        self.image_limits = image_limits or ImageLimits()
+        self.max_images = self.image_limits.max_images
+        self.cluster_key = cluster_key  # required from callers (see build_app) and sent to the controller
         self.heart_beat_interval = heart_beat_interval
         if batching:
             self.scheduler = BatchScheduler(
@@ -147,20 +143,10 @@ class ModelWorker:
             raise ServeError("`images` must be a list of base64 strings (or data: / http(s) URLs).")
         if len(sources) > self.max_images:
             raise ServeError(f"{len(sources)} images sent; this worker takes at most {self.max_images} (--max-images).")
-        images = []
-        for i, source in enumerate(sources):
-            try:
-                images.append(
-                    load_image(
-                        source,
-                        max_bytes=self.max_image_bytes,
-                        max_pixels=self.max_image_pixels,
-                        timeout=self.image_timeout,
-                        allow_paths=False,
-                    )
-                )
-            except ImageLoadError as err:
-                raise ServeError(f"Image {i + 1} of {len(sources)} was rejected: {err}") from err
+        try:  # every header is checked (pixels, aspect ratio, the request's total) before any image is decoded
+            images = load_images(sources, self.image_limits)
+        except ImageLoadError as err:
+            raise ServeError(str(err)) from err
         with self._tokenizer_lock:
             request = self.engine.encode(self._model_prompt(prompt), images, 1)
         return prompt, request, params
@@ -178,7 +164,7 @@ class ModelWorker:
     def register(self) -> bool:
         url = self.controller_addr + "/register_worker"
         body = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.status()}
-        response = requests.post(url, json=body, timeout=5)
+        response = post_json(url, body, self.cluster_key, timeout=5)
         if response.status_code != 200:
             raise ValueError(f"the controller refused registration ({response.status_code}: {response.text[:200]})")
         logger.info("Registered %s (model `%s`) with %s", self.worker_addr, self.model_name, self.controller_addr)
@@ -188,7 +174,10 @@ class ModelWorker:
         deadline = time.monotonic() + timeout
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                if requests.get(self.worker_addr + "/health", timeout=1).status_code == 200:
+                health = requests.get(
+                    self.worker_addr + "/health", headers=cluster_headers(self.cluster_key), timeout=1
+                )
+                if health.status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -206,11 +195,14 @@ class ModelWorker:
                         self.registered.set()
                         retry = 0.5
                 else:
-                    response = requests.post(
+                    response = post_json(
                         self.controller_addr + "/receive_heart_beat",
-                        json={"worker_name": self.worker_addr, "queue_length": self.scheduler.queue_length},
+                        {"worker_name": self.worker_addr, "queue_length": self.scheduler.queue_length},
+                        self.cluster_key,
                         timeout=5,
                     )
+                    if response.status_code == 401:
+                        raise ValueError("the controller refused the cluster key (401); set the same --cluster-key")
                     if not response.json().get("exist", False):
                         logger.info("The controller does not know this worker (restarted?); registering again.")
                         self.registered.clear()
@@ -338,7 +330,10 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
             "prefix_cache": None if worker.engine.prefix_cache is None else worker.engine.prefix_cache.stats(),
         }
 
-    return BodyLimitMiddleware(app, max_request_bytes, lambda message: {"text": message, "error_code": 1})
+    def error_body(message):
+        return {"text": message, "error_code": 1}
+
+    return ClusterKeyMiddleware(BodyLimitMiddleware(app, max_request_bytes, error_body), worker.cluster_key, error_body)
 
 
 def _cache_stats(engine: LlavaEngine) -> dict | None:
@@ -361,6 +356,7 @@ def _cuda() -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_server_args(parser, port=21002)
+    add_cluster_args(parser)
     parser.add_argument("--worker-address", "--worker", dest="worker_address", default=None)
     parser.add_argument("--controller-address", "--controller", dest="controller_address", default=None)
     parser.add_argument("--no-register", action="store_true", help="Do not register with a controller.")
@@ -398,10 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "seen before prefills only the question (MiB, on the model's device; with --batching on); 0: off.",
     )
     parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
-    parser.add_argument("--max-images", type=int, default=8)
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
-    parser.add_argument("--image-download-timeout", type=float, default=DEFAULT_DOWNLOAD_TIMEOUT)
+    add_image_limit_args(parser)
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL)
     args = parser.parse_args(argv)
     if args.load_8bit and args.load_4bit:
@@ -418,6 +411,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging("llava.serve.model_worker")
     worker_addr = args.worker_address or local_url(args.host, args.port)
+    key = cluster_key_from(args.cluster_key)
+    warn_if_exposed(logger, "model worker", args.host, key)
+    limits = image_limits_from(args)
     logger.info("Loading %s (base %s) on device %s", args.model_path, args.model_base, args.device)
     engine = LlavaEngine.from_pretrained(
         args.model_path,
@@ -443,11 +439,9 @@ def main(argv=None) -> None:
         max_queue=args.max_queue_size,
         batch_wait_s=args.batch_wait_ms / 1000,
         batching=args.batching == "on",
-        max_images=args.max_images,
-        max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        image_timeout=args.image_download_timeout,
+        image_limits=limits,
         heart_beat_interval=args.heart_beat_interval,
+        cluster_key=key,
     )
     logger.info("Serving `%s` (template `%s`) at %s", model_name, engine.conv_mode, worker_addr)
     run_server(build_app(worker, args.max_request_bytes), args.host, args.port)

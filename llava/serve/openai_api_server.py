@@ -9,8 +9,10 @@
         {"type": "text", "text": "What is in the picture?"}]}])
 
 Messages are rendered with the served model's own chat template (asked from its worker); each `image_url` part
-becomes an `<image>` marker where it stands. `data:` URLs are passed to the worker as they are; http(s) URLs are
-downloaded here, within --max-image-bytes and --image-download-timeout. Errors use OpenAI's error format.
+becomes an `<image>` marker where it stands. `data:` URLs are passed to the worker as they are (it checks them);
+http(s) URLs are refused unless --allow-image-urls, and then fetched here with address checks (see docs/Serving.md,
+"Security"). With --cluster-key (or LLAVA_CLUSTER_KEY) every call to the controller and workers carries the cluster
+key; the users' keys (--api-key) are separate. Errors use OpenAI's error format.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from dataclasses import dataclass, field
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
-from llava.mm_utils import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError
+from llava.mm_utils import ImageLimits, ImageLoadError
+from llava.serve.client import apost_json, astream_open, cluster_key_from
 from llava.serve.protocol import ErrorCode, aiter_chunks
 from llava.serve.server_utils import (
     BadJSON,
     BodyLimitMiddleware,
+    add_cluster_args,
+    add_image_limit_args,
     add_server_args,
     api_keys_from,
+    image_limits_from,
     key_allowed,
     read_json_object,
     require,
@@ -73,13 +79,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class Limits:
-    max_images: int = 8
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    image_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
-    allow_remote_images: bool = True
+Limits = ImageLimits  # the image limits (flags: server_utils.add_image_limit_args)
 
 
 @dataclass
@@ -223,17 +223,12 @@ def render_prompt(messages: list[dict], conv_mode: str) -> tuple[str, list[str]]
 
 
 def _fetch_image(url: str, limits: Limits) -> str:
-    """A remote image as base64 PNG (lossless, so the worker sees exactly the downloaded pixels)."""
+    """A remote image as base64 PNG (lossless, so the worker sees exactly the downloaded pixels, after the shrink
+    to --max-image-side)."""
     from llava.mm_utils import load_image
 
     try:
-        image = load_image(
-            url,
-            max_bytes=limits.max_image_bytes,
-            max_pixels=limits.max_image_pixels,
-            timeout=limits.image_timeout,
-            allow_paths=False,
-        )
+        image = load_image(url, allow_paths=False, limits=limits)
     except ImageLoadError as err:
         raise ApiError(400, str(err), "messages") from err
     buffer = io.BytesIO()
@@ -250,8 +245,13 @@ async def resolve_images(urls: list[str], limits: Limits) -> list[str]:
         if head.startswith("data:"):
             out.append(url)  # the worker decodes and checks it
         elif head.startswith(("http://", "https://")):
-            if not limits.allow_remote_images:
-                raise ApiError(400, "Remote image URLs are disabled on this server; send data: URLs.", "messages")
+            if not limits.allow_urls:
+                raise ApiError(
+                    400,
+                    "Remote image URLs are disabled on this server; send images as data: URLs "
+                    "(the operator can enable URLs with --allow-image-urls).",
+                    "messages",
+                )
             out.append(await run_in_threadpool(_fetch_image, url, limits))
         else:
             raise ApiError(400, f"Image URL `{url[:60]}` must be a data: URL or an http(s) URL.", "messages")
@@ -266,14 +266,15 @@ async def resolve_images(urls: list[str], limits: Limits) -> list[str]:
 class Backend:
     """Talks to the controller (model list, worker choice) and to workers (templates, generation)."""
 
-    def __init__(self, controller_url: str):
+    def __init__(self, controller_url: str, cluster_key: str | None = None):
         self.controller_url = controller_url.rstrip("/")
+        self.cluster_key = cluster_key
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
         self._details: dict[str, tuple[float, dict]] = {}
 
     async def post_controller(self, path: str, body: dict | None = None) -> dict:
         try:
-            response = await self.http.post(self.controller_url + path, json=body or {})
+            response = await apost_json(self.http, self.controller_url + path, body, self.cluster_key)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError) as err:
@@ -300,7 +301,7 @@ class Backend:
         details = cached[1] if cached and time.monotonic() - cached[0] < DETAILS_TTL else None
         if details is None:
             try:
-                response = await self.http.post(address + "/model_details", json={})
+                response = await apost_json(self.http, address + "/model_details", {}, self.cluster_key)
                 response.raise_for_status()
                 details = response.json()
                 self._details[address] = (time.monotonic(), details)
@@ -313,8 +314,7 @@ class Backend:
     async def open_stream(self, address: str, payload: dict) -> httpx.Response:
         """Start a generation; rejections (bad image, prompt too long, ...) raise before any byte is streamed."""
         try:
-            request = self.http.build_request("POST", address + "/worker_generate_stream", json=payload)
-            response = await self.http.send(request, stream=True)
+            response = await astream_open(self.http, address + "/worker_generate_stream", payload, self.cluster_key)
         except httpx.HTTPError as err:
             self._details.pop(address, None)
             raise ApiError(503, f"The worker at {address} is unreachable ({type(err).__name__}); try again.") from err
@@ -325,7 +325,8 @@ class Backend:
                 message = json.loads(raw.split(b"\0")[0]).get("text") or raw.decode(errors="replace")
             except (ValueError, AttributeError):
                 message = raw.decode(errors="replace")[:500]
-            raise ApiError(400 if response.status_code < 500 else 503, message)
+            # 401: this server's --cluster-key does not match the worker's: an operator's problem, not the client's
+            raise ApiError(400 if response.status_code < 500 and response.status_code != 401 else 503, message)
         return response
 
 
@@ -335,12 +336,14 @@ def _chunk_error(data: dict) -> ApiError:
     return ApiError(status, data.get("text") or f"The worker failed (error_code {code}).")
 
 
-def build_app(controller_url: str, api_keys: list[str], limits: Limits, max_request_bytes: int):
+def build_app(
+    controller_url: str, api_keys: list[str], limits: Limits, max_request_bytes: int, cluster_key: str | None = None
+):
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
-        app.state.backend = Backend(controller_url)
+        app.state.backend = Backend(controller_url, cluster_key)
         yield
         await app.state.backend.http.aclose()
 
@@ -493,24 +496,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--api-key", action="append", default=None, help="Require this key (repeatable; also LLAVA_API_KEYS=a,b)."
     )
-    parser.add_argument("--max-images", type=int, default=8, help="Images per request.")
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    parser.add_argument("--image-download-timeout", type=float, default=DEFAULT_DOWNLOAD_TIMEOUT)
-    parser.add_argument("--no-remote-images", action="store_true", help="Refuse http(s) image URLs.")
+    add_cluster_args(parser)
+    add_image_limit_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging("llava.serve.openai_api_server")
-    limits = Limits(
-        max_images=args.max_images,
-        max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        image_timeout=args.image_download_timeout,
-        allow_remote_images=not args.no_remote_images,
-    )
+    limits = image_limits_from(args)
+    cluster_key = cluster_key_from(args.cluster_key)
     keys = api_keys_from(args.api_key)
     logger.info(
         "OpenAI API on %s:%d -> %s (API key %s)",
@@ -519,7 +514,8 @@ def main(argv=None) -> None:
         args.controller_address,
         "required" if keys else "not required",
     )
-    run_server(build_app(args.controller_address, keys, limits, args.max_request_bytes), args.host, args.port)
+    app = build_app(args.controller_address, keys, limits, args.max_request_bytes, cluster_key)
+    run_server(app, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Register a running model worker with a controller by hand (workers normally register themselves).
 
     python -m llava.serve.register_worker --controller-address http://localhost:10000 \\
-        --worker-name http://localhost:40000 [--no-check-heart-beat]
+        --worker-name http://localhost:40000 [--no-check-heart-beat] [--cluster-key SECRET]
+
+The controller first asks the worker for its status, so both must share the cluster key (--cluster-key or
+LLAVA_CLUSTER_KEY) when one is set.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import argparse
 import sys
 
 import requests
+
+from llava.serve.client import cluster_key_from, post_json
+from llava.serve.server_utils import add_cluster_args
 
 
 def main(argv=None) -> int:
@@ -22,10 +28,12 @@ def main(argv=None) -> int:
         default=True,
         help="Drop the worker when its heartbeats stop (default); --no-check-heart-beat keeps it listed.",
     )
+    add_cluster_args(parser)
     args = parser.parse_args(argv)
     body = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat}
     try:
-        response = requests.post(args.controller_address.rstrip("/") + "/register_worker", json=body, timeout=10)
+        url = args.controller_address.rstrip("/") + "/register_worker"
+        response = post_json(url, body, cluster_key_from(args.cluster_key), timeout=10)
     except requests.RequestException as err:
         print(f"The controller at {args.controller_address} is unreachable: {err}", file=sys.stderr)
         return 1

@@ -138,3 +138,154 @@ def run_server(app, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cluster key (controller and workers) and image limits (workers, API server, web UI)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    from llava.serve.client import CLUSTER_KEY_ENV, CLUSTER_KEY_HEADER
+
+    parser.add_argument(
+        "--cluster-key",
+        default=None,
+        help=f"Shared secret of the controller, workers, API server and web UI (also ${CLUSTER_KEY_ENV}); "
+        f"controller and worker endpoints refuse requests without it (header {CLUSTER_KEY_HEADER}) with 401.",
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` (a bind address or a host name) only reaches this machine."""
+    import ipaddress
+
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(logger: logging.Logger, what: str, host: str, key: str | None) -> None:
+    """Warn loudly when a controller or worker listens beyond loopback without a cluster key."""
+    if key or is_loopback_host(host):
+        return
+    from llava.serve.client import CLUSTER_KEY_ENV
+
+    logger.warning(
+        "\n"
+        "*********************************************************************************************************\n"
+        "WARNING: this %s listens on %s WITHOUT a cluster key.\n"
+        "Anyone who can reach this port can register a rogue worker (and receive users' prompts and images),\n"
+        "read every answer, or generate directly, bypassing the API server's keys.\n"
+        "Set the same secret on every process of the cluster: --cluster-key <secret> or %s=<secret>.\n"
+        "*********************************************************************************************************",
+        what,
+        host,
+        CLUSTER_KEY_ENV,
+    )
+
+
+class ClusterKeyMiddleware:
+    """Answer 401 to every HTTP request that lacks the cluster key (compared in constant time); a no-op without a
+    key."""
+
+    def __init__(self, app, key: str | None, error_body: Callable[[str], dict]):
+        self.app, self.key, self.error_body = app, key, error_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.key:
+            return await self.app(scope, receive, send)
+        from llava.serve.client import CLUSTER_KEY_ENV, CLUSTER_KEY_HEADER
+
+        given = dict(scope.get("headers") or []).get(CLUSTER_KEY_HEADER.lower().encode(), b"")
+        if secrets.compare_digest(given, self.key.encode()):
+            return await self.app(scope, receive, send)
+        message = (
+            f"Missing or wrong cluster key: send the `{CLUSTER_KEY_HEADER}` header (--cluster-key / {CLUSTER_KEY_ENV})."
+        )
+        body = json.dumps(self.error_body(message)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def add_image_limit_args(parser: argparse.ArgumentParser, urls: bool = True) -> None:
+    """The image-limit flags, the same on the worker, the API server (`urls`: also the URL-fetch flags) and web UI."""
+    from llava import mm_utils as mm
+
+    parser.add_argument("--max-images", type=int, default=8, help="Images per request.")
+    parser.add_argument("--max-image-bytes", type=int, default=mm.DEFAULT_MAX_IMAGE_BYTES, help="Per image file.")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=mm.DEFAULT_MAX_IMAGE_PIXELS, help="Width*height of one image."
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=mm.DEFAULT_MAX_REQUEST_PIXELS,
+        help="Width*height of all images of one request together (checked from headers before decoding).",
+    )
+    parser.add_argument(
+        "--max-image-aspect-ratio",
+        type=float,
+        default=mm.DEFAULT_MAX_ASPECT_RATIO,
+        help="Long side / short side; longer images are refused.",
+    )
+    parser.add_argument(
+        "--max-image-side",
+        type=int,
+        default=mm.DEFAULT_MAX_IMAGE_SIDE,
+        help="Images are shrunk (aspect kept) to fit this many pixels per side right after decoding.",
+    )
+    if urls:
+        parser.add_argument("--image-download-timeout", type=float, default=mm.DEFAULT_DOWNLOAD_TIMEOUT)
+        parser.add_argument(
+            "--allow-image-urls",
+            action="store_true",
+            help="Fetch http(s) image URLs (off: data: URLs and base64 only). Loopback, private, link-local, "
+            "multicast and reserved addresses stay refused unless --image-url-allow names them.",
+        )
+        parser.add_argument(
+            "--image-url-allow",
+            action="append",
+            default=[],
+            metavar="HOST_OR_CIDR",
+            help="With --allow-image-urls: a host name, address or network (CIDR) fetched even if private "
+            "(repeatable).",
+        )
+        parser.add_argument(
+            "--no-remote-images", action="store_true", help="Refuse http(s) image URLs (the default; kept for scripts)."
+        )
+
+
+def image_limits_from(args: argparse.Namespace):
+    """The `ImageLimits` the flags of `add_image_limit_args` describe."""
+    from llava.mm_utils import DEFAULT_DOWNLOAD_TIMEOUT, ImageLimits
+
+    for flag in ("max_images", "max_image_bytes", "max_image_pixels", "max_request_pixels", "max_image_side"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1.")
+    if args.max_image_aspect_ratio < 1:
+        raise SystemExit(f"--max-image-aspect-ratio {args.max_image_aspect_ratio}: must be at least 1.")
+    allow_urls = getattr(args, "allow_image_urls", False) and not getattr(args, "no_remote_images", False)
+    try:
+        return ImageLimits(
+            max_images=args.max_images,
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+            max_request_pixels=args.max_request_pixels,
+            max_aspect_ratio=args.max_image_aspect_ratio,
+            max_side=args.max_image_side,
+            timeout=getattr(args, "image_download_timeout", DEFAULT_DOWNLOAD_TIMEOUT),
+            allow_urls=allow_urls,
+            url_allow=tuple(getattr(args, "image_url_allow", None) or ()),
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from err

@@ -3,6 +3,8 @@
     python -m llava.serve.test_message --controller-address http://localhost:10000 --model-name llava-v1.5-7b \\
         --message "Tell me a story."
     python -m llava.serve.test_message --worker-address http://localhost:40000 --message "Hi"   # skip the controller
+
+With a cluster key (--cluster-key or LLAVA_CLUSTER_KEY) every request carries it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 import requests
 
 from llava.conversation import get_conv_template
-from llava.serve.protocol import iter_chunks
+from llava.serve.client import cluster_key_from, post_json, stream_worker
+from llava.serve.server_utils import add_cluster_args
 
 
 def main(argv=None) -> int:
@@ -26,27 +29,32 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--message", default="Tell me a story with more than 1000 words.")
+    add_cluster_args(parser)
     args = parser.parse_args(argv)
+    key = cluster_key_from(args.cluster_key)
 
     controller = args.controller_address.rstrip("/")
     worker = args.worker_address
     model = args.model_name
     try:
         if worker is None:
-            requests.post(controller + "/refresh_all_workers", timeout=10)
-            models = requests.post(controller + "/list_models", timeout=10).json()["models"]
+            refreshed = post_json(controller + "/refresh_all_workers", {}, key, timeout=10)
+            if refreshed.status_code == 401:
+                print("The controller refused the cluster key (401): pass --cluster-key.", file=sys.stderr)
+                return 1
+            models = post_json(controller + "/list_models", {}, key, timeout=10).json()["models"]
             print(f"Models: {', '.join(models) or 'none'}")
             model = model or (models[0] if models else None)
             if model is None:
                 print("No model is served; start a model worker first.", file=sys.stderr)
                 return 1
-            answer = requests.post(controller + "/get_worker_address", json={"model": model}, timeout=10).json()
+            answer = post_json(controller + "/get_worker_address", {"model": model}, key, timeout=10).json()
             worker = answer.get("address")
             if not worker:
                 print(answer.get("error") or f"No worker serves `{model}`.", file=sys.stderr)
                 return 1
         worker = worker.rstrip("/")
-        details = requests.post(worker + "/model_details", json={}, timeout=10).json()
+        details = post_json(worker + "/model_details", {}, key, timeout=10).json()
         model = model or details.get("model_name")
         print(f"Worker: {worker} ({model}, template `{details.get('conv_mode')}`)")
 
@@ -60,10 +68,9 @@ def main(argv=None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
         }
-        response = requests.post(worker + "/worker_generate_stream", json=payload, stream=True, timeout=(10, 300))
         print(f"{conv.roles[0]}: {args.message}\n{conv.roles[1]}: ", end="", flush=True)
         shown = ""
-        for data in iter_chunks(response.iter_content(chunk_size=None)):
+        for data in stream_worker(worker + "/worker_generate_stream", payload, key, timeout=(10, 300)):
             if data.get("error_code"):
                 print(f"\n[error {data['error_code']}: {data.get('text')}]", file=sys.stderr)
                 return 1
