@@ -413,7 +413,7 @@ def test_cli_module_and_file_path(engine, ckpt, tmp_path):
         str(out),
         *GREEDY,
     ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     in_process = read_jsonl(
         run(
@@ -438,7 +438,7 @@ def test_cli_module_and_file_path(engine, ckpt, tmp_path):
         "What is it?",
         *GREEDY,
     ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == expected(engine, "What is it?", [_load(tmp_path, "x.png")]).strip()
 
@@ -470,7 +470,7 @@ def test_model_vqa_science_answer_prompter(engine, ckpt, tmp_path):
 
 
 def test_resume_needs_the_same_model_questions_and_settings(engine, ckpt, tmp_path):
-    """Issue 12 item 21: an answers file is resumed only when its sidecar records the same run."""
+    """Issue 12 item 21: an answers file is resumed only when its answers record the same run (in `metadata`)."""
     import shutil
 
     qfile, folder, _ = vqa_questions(tmp_path, n=3)
@@ -484,34 +484,37 @@ def test_resume_needs_the_same_model_questions_and_settings(engine, ckpt, tmp_pa
         return model_vqa.eval_model(parsed, engine=engine)
 
     run_here()
-    meta = json.load(open(str(out) + ".meta.json"))
-    assert meta["settings"]["max_new_tokens"] == 5 and meta["settings"]["conv_mode"] == "llava_v1"
+    meta = read_jsonl(out)[0]["metadata"]
+    assert meta["max_new_tokens"] == 5 and meta["conv_mode"] == "llava_v1"
+    assert meta["model_path"] == model_dir and len(meta["question_file_sha256"]) == 64 and meta["model_fingerprint"]
+    assert os.listdir(tmp_path / ".") and not [n for n in os.listdir(tmp_path) if n.endswith(".meta.json")]
     first = out.read_text()
     out.write_text("".join(first.splitlines(keepends=True)[:2]))  # a partial file, resumed by the same run
     run_here()
     assert len(read_jsonl(out)) == 3
-    with pytest.raises(ValueError, match=r"settings\.max_new_tokens: 5 -> 6.*--overwrite"):
+    with pytest.raises(ValueError, match=r"line 1 was written by a different run.*max_new_tokens: 5 -> 6.*--overwrite"):
         run_here("--max_new_tokens", "6")
-    with pytest.raises(ValueError, match=r"settings\.conv_mode: 'llava_v1' -> 'llava_v0'"):
+    with pytest.raises(ValueError, match=r"conv_mode: 'llava_v1' -> 'llava_v0'"):
         run_here("--conv-mode", "llava_v0")
     # The questions changed.
     with open(qfile, "a", encoding="utf-8") as f:
         f.write(json.dumps({"question_id": 99, "text": "New question?"}) + "\n")
-    with pytest.raises(ValueError, match=r"question_file\.sha256"):
+    with pytest.raises(ValueError, match=r"question_file_sha256"):
         run_here()
     # The checkpoint was retrained in the same folder.
     weights = [n for n in os.listdir(model_dir) if n.endswith(".safetensors")][0]
     with open(os.path.join(model_dir, weights), "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(b"\x01" * 8)
-    with pytest.raises(ValueError, match=r"model\.fingerprint"):
+    with pytest.raises(ValueError, match=r"model_fingerprint"):
         run_here()
     run_here("--overwrite")
     assert [a["question_id"] for a in read_jsonl(out)][-1] == 99
-    run_here()  # the sidecar now records this run: resumes, nothing to answer
-    # A file without a sidecar (written by the original scripts or an older version) is not resumed silently.
-    os.remove(str(out) + ".meta.json")
-    with pytest.raises(ValueError, match=r"no record of the model.*--overwrite"):
+    run_here()  # the answers now record this run: resumes, nothing to answer
+    # A file written by the original scripts (`metadata: {}`) is not resumed silently.
+    records = read_jsonl(out)
+    write_jsonl(out, [{**r, "metadata": {}} for r in records])
+    with pytest.raises(ValueError, match=r"line 1 does not record the model.*--overwrite"):
         run_here()
 
 

@@ -4,10 +4,11 @@ Every generation script reads its questions, keeps its chunk (`--num-chunks/--ch
 file already holds, and writes one JSON line per answer (DESIGN.md, "Eval files"):
     {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 
-Beside the answers file, `<answers>.meta.json` records what wrote it: the checkpoint (path, base, and a fingerprint
-of its files), the question file (sha256) and the generation settings. A run resumes the answers file only when all
-of these match; otherwise it stops and names the difference (`--overwrite` starts afresh). The answers file itself
-keeps the original's line format, so the original readers and scorers read it unchanged.
+Each answer's `metadata` records what wrote it: the checkpoint (path, base, and a fingerprint of its files), the
+question file (sha256) and the generation settings. A run resumes an answers file only when every answer in it
+records the same; otherwise it stops and names the difference (`--overwrite` starts afresh). The lines keep the
+original's fields, so the original readers and scorers read the file unchanged, and `cat`-merged chunk files keep
+their provenance.
 
 Without `--conv-mode`, the template is the one the checkpoint records (config `conv_template`), else the original
 script's default (`llava_v1`; `llava_v0` for model_vqa_science), never a guess from the folder name.
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
+
+from llava.runtime import add_threads_argument, configure_threads
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -70,6 +73,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, temperature: float = 0.2,
     parser.add_argument("--top_p", "--top-p", type=float, default=None)
     parser.add_argument("--num_beams", "--num-beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=max_new_tokens)
+    add_threads_argument(parser)
 
 
 def add_io_args(parser: argparse.ArgumentParser, *, image_folder: bool = True, chunks: bool = True) -> None:
@@ -163,32 +167,9 @@ def new_answer_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
 
 
-def meta_path(answers_path: str) -> str:
-    """The sidecar that records what wrote an answers file."""
-    return answers_path + ".meta.json"
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def meta_differences(old: dict, new: dict) -> list[str]:
-    """`field: old -> new` for every recorded field that differs (paths recorded only for information excluded)."""
-    a, b = _flatten(old), _flatten(new)
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if k not in _INFO_ONLY and a.get(k) != b.get(k)
-    ]
-
-
-_INFO_ONLY = {"question_file.path", "written_by"}  # a moved question file with the same content still resumes
+    """`field: old -> new` for every recorded run field that differs."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 class AnswerFile:
@@ -196,7 +177,7 @@ class AnswerFile:
 
     A run that was killed mid-write leaves a truncated last line: it is dropped (and re-answered). Any other bad line
     is an error, since it means the file is not an answers file. With `meta` (what this run is: model, question file,
-    settings), a file that already holds answers is resumed only when its sidecar `<path>.meta.json` records the same.
+    settings, as each answer's `metadata` records it), a file is resumed only when all its answers record the same.
     """
 
     def __init__(
@@ -210,37 +191,37 @@ class AnswerFile:
         self.key = key
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.done: set = set()
+        self.meta = meta
+        self._mismatch: tuple[int, dict | None] | None = None  # the first line whose record differs from `meta`
         if overwrite or not os.path.exists(self.path):
             open(self.path, "w").close()
         else:
             self._scan()
-            if meta is not None and self.done:
-                self._check_meta(meta)
-        if meta is not None:
-            with open(meta_path(self.path), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
+            if self._mismatch is not None:
+                self._refuse(*self._mismatch)
         self._file = open(self.path, "a", encoding="utf-8")
 
-    def _check_meta(self, meta: dict) -> None:
-        sidecar = meta_path(self.path)
+    def _check_record(self, number: int, record: dict) -> None:
+        if self.meta is None or self._mismatch is not None:
+            return
+        recorded = record.get("metadata")
+        if not isinstance(recorded, dict) or not set(self.meta) <= set(recorded):
+            self._mismatch = (number, None)
+        elif any(recorded[k] != v for k, v in self.meta.items()):
+            self._mismatch = (number, {k: recorded[k] for k in self.meta})
+
+    def _refuse(self, number: int, recorded: dict | None) -> None:
         advice = "pass --overwrite to answer every question again, or choose another --answers-file."
-        if not os.path.exists(sidecar):
+        if recorded is None:
             raise ValueError(
-                f"`{self.path}` already holds {len(self.done)} answer(s) but no record of the model, question file "
-                f"and settings that wrote them (`{sidecar}` is missing), so they cannot be resumed safely; {advice}"
+                f"`{self.path}` already holds {len(self.done)} answer(s), but line {number} does not record the model, "
+                f"question file and settings that wrote it (written by the original scripts or an older version), so "
+                f"the file cannot be resumed safely; {advice}"
             )
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"`{sidecar}` is not readable JSON ({err}); {advice}") from err
-        diffs = meta_differences(old, meta)
-        if diffs:
-            raise ValueError(
-                f"`{self.path}` was written by a different run, so its {len(self.done)} answer(s) are not resumed: "
-                + "; ".join(diffs)
-                + f". To replace them, {advice}"
-            )
+        raise ValueError(
+            f"`{self.path}` line {number} was written by a different run, so the file's {len(self.done)} answer(s) "
+            "are not resumed: " + "; ".join(meta_differences(recorded, self.meta)) + f". To replace them, {advice}"
+        )
 
     def _scan(self) -> None:
         with open(self.path, encoding="utf-8") as f:
@@ -251,6 +232,7 @@ class AnswerFile:
             try:
                 record = json.loads(line)
                 self.done.add(self.key(record))
+                self._check_record(number, record)
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 if i == len(numbered) - 1:
                     log(f"{self.path}: dropping a truncated last line (line {number}); that question is re-answered.")
@@ -289,6 +271,7 @@ def load_engine(args: Any):
     """The `LlavaEngine` the flags describe (device and dtype from the machine unless `--device` says)."""
     from llava.inference import LlavaEngine
 
+    configure_threads(opt(args, "threads"))
     return LlavaEngine.from_pretrained(
         model_path_of(args),
         opt(args, "model_base"),
@@ -389,13 +372,7 @@ def generate_answers(
 
     params = generation_params(args)
     name = model_id(args)
-    metadata = {
-        "conv_mode": conv_mode,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "num_beams": params.num_beams,
-        "max_new_tokens": params.max_new_tokens,
-    }
+    metadata = answers.meta if answers.meta is not None else run_meta(args, conv_mode)
     written = 0
     with tqdm(total=total, desc=desc, unit="q", dynamic_ncols=True) as bar:
         for batch in batches:
@@ -442,8 +419,6 @@ SETTING_FLAGS = (
     "all_rounds",
     "lang",
     "na_as_missing",
-    "num_chunks",
-    "chunk_idx",
     "vision_tower",
     "load_8bit",
     "load_4bit",
@@ -480,35 +455,28 @@ def checkpoint_fingerprint(path: str | None) -> str | None:
 
 
 def run_meta(args: Any, conv_mode: str) -> dict:
-    """What a generation run is, as recorded in `<answers>.meta.json`: model, question file, settings."""
+    """What a generation run is, as each answer's `metadata` records it: settings, model, question file."""
     params = generation_params(args)
     model_path = model_path_of(args)
     base = opt(args, "model_base")
-    local = os.path.isdir(model_path)
-    settings = {
+    meta = {
         "conv_mode": conv_mode,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "num_beams": params.num_beams,
         "max_new_tokens": params.max_new_tokens,
     }
-    settings.update({name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)})
-    return {
-        "written_by": "llava.eval",
-        "model": {
-            "model_path": os.path.abspath(model_path) if local else model_path,
-            "model_base": os.path.abspath(os.path.expanduser(base))
-            if base and os.path.isdir(os.path.expanduser(base))
-            else base,
-            "fingerprint": checkpoint_fingerprint(model_path),
-            "base_fingerprint": checkpoint_fingerprint(base),
-        },
-        "question_file": {
-            "path": os.path.abspath(os.path.expanduser(args.question_file)),
-            "sha256": file_sha256(args.question_file),
-        },
-        "settings": settings,
-    }
+    meta.update({name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)})
+    local = os.path.isdir(model_path)
+    local_base = bool(base) and os.path.isdir(os.path.expanduser(base))
+    meta.update(
+        model_path=os.path.abspath(model_path) if local else model_path,
+        model_base=os.path.abspath(os.path.expanduser(base)) if local_base else base,
+        model_fingerprint=checkpoint_fingerprint(model_path),
+        model_base_fingerprint=checkpoint_fingerprint(base),
+        question_file_sha256=file_sha256(args.question_file),
+    )
+    return meta
 
 
 def answer_all(
