@@ -389,3 +389,54 @@ def test_keys_stay_separate(secure):
     assert as_cluster.status_code == 401
     as_user = requests.post(secure.controller + "/list_models", headers={CLUSTER_KEY_HEADER: API_KEY}, timeout=10)
     assert as_user.status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The image helpers on their own (no processes)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_jpeg_is_decoded_at_reduced_scale_and_shrunk():
+    from PIL import Image
+
+    from llava.mm_utils import ImageLimits, load_images
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(buffer, format="JPEG")
+    source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    (image,) = load_images([source], ImageLimits())
+    assert image.size == (2048, 1365) and image.mode == "RGB"
+    (small,) = load_images([source], ImageLimits(max_side=500))
+    assert small.size == (500, 333)
+
+
+def test_padding_shrinks_first_and_leaves_ordinary_images_alone():
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from llava.mm_utils import expand2square, process_images
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    cfg = {"image_aspect_ratio": "pad"}
+    fill = tuple(int(x * 255) for x in processor.image_mean)
+    ordinary = Image.new("RGB", (300, 120), (200, 10, 10))
+    expected = processor(expand2square(ordinary, fill), return_tensors="pt")["pixel_values"][0]
+    assert (process_images([ordinary], processor, cfg)[0] == expected).all()  # unchanged within --max-image-side
+    long_one = Image.new("RGB", (40000, 2000), (200, 10, 10))  # padded first this would be a 40000^2 canvas
+    assert tuple(process_images([long_one], processor, cfg).shape) == (1, 3, 32, 32)
+
+
+def test_url_allow_list_by_host_and_network():
+    import ipaddress
+
+    from llava.mm_utils import ImageLimits, _refused_kind
+
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert _refused_kind(loopback, "localhost", ()) == "loopback"
+    assert _refused_kind(loopback, "localhost", ("localhost",)) == ""
+    assert _refused_kind(ipaddress.ip_address("10.2.3.4"), "x", ("10.0.0.0/8",)) == ""
+    assert _refused_kind(ipaddress.ip_address("10.2.3.4"), "x", ("10.9.0.0/16",)) == "private"
+    assert _refused_kind(ipaddress.ip_address("::ffff:169.254.169.254"), "x", ()) == "link-local"
+    assert _refused_kind(ipaddress.ip_address("8.8.8.8"), "dns.google", ()) == ""
+    with pytest.raises(ValueError, match="--image-url-allow"):
+        ImageLimits(url_allow=("not a host!",))
