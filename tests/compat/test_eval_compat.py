@@ -377,3 +377,45 @@ def test_rule_json_is_the_originals():
     original = os.path.join(ROOT, "tests", "compat", "original", "llava", "eval", "table", "rule.json")
     with open(original, "rb") as f, open(judge.DEFAULT_RULE_FILE, "rb") as g:
         assert g.read() == f.read()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VQAv2 / VizWiz upload files (item 11: the normaliser on the converters' path)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _our_script(name: str, *args: str, cwd) -> None:
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", name), *args], capture_output=True, text=True, cwd=cwd
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_vqav2_and_vizwiz_upload_files_equal_the_originals(orig, tmp_path):
+    questions = [{"question_id": i, "image": f"img{i}.jpg", "text": "Q?"} for i in range(len(ANSWERS))]
+    answers = [{"question_id": i, "prompt": "Q?", "text": a} for i, a in enumerate(ANSWERS)]
+    for side in ("theirs", "ours"):
+        root = tmp_path / side
+        os.makedirs(root / "answers" / "test-dev" / "ckpt")
+        with open(root / "llava_vqav2_mscoco_test2015.jsonl", "w") as f:
+            f.writelines(json.dumps(q) + "\n" for q in [*questions, {"question_id": 999, "image": "x", "text": "?"}])
+        with open(root / "answers" / "test-dev" / "ckpt" / "merge.jsonl", "w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in answers)
+    vqav2 = open(os.path.join(VENDORED, "convert_vqav2_for_submission.py.orig")).read()
+    orig.run(vqav2, "--dir", str(tmp_path / "theirs"), "--ckpt", "ckpt", "--split", "test-dev")
+    _our_script(
+        "convert_vqav2_for_submission.py", "--dir", str(tmp_path / "ours"), "--ckpt", "ckpt", "--split", "test-dev",
+        cwd=tmp_path,
+    )  # fmt: skip
+    upload = os.path.join("answers_upload", "test-dev", "ckpt.json")
+    assert (tmp_path / "ours" / upload).read_bytes() == (tmp_path / "theirs" / upload).read_bytes()
+
+    ann = tmp_path / "theirs" / "llava_vqav2_mscoco_test2015.jsonl"
+    res = tmp_path / "theirs" / "answers" / "test-dev" / "ckpt" / "merge.jsonl"
+    with open(ann, "w") as f:  # VizWiz: every question must be answered
+        f.writelines(json.dumps(q) + "\n" for q in questions)
+    vizwiz = open(os.path.join(VENDORED, "convert_vizwiz_for_submission.py.orig")).read()
+    flags = ["--annotation-file", str(ann), "--result-file", str(res), "--result-upload-file"]
+    orig.run(vizwiz, *flags, str(tmp_path / "vizwiz_theirs.json"))
+    _our_script("convert_vizwiz_for_submission.py", *flags, str(tmp_path / "vizwiz_ours.json"), cwd=tmp_path)
+    assert (tmp_path / "vizwiz_ours.json").read_bytes() == (tmp_path / "vizwiz_theirs.json").read_bytes()
