@@ -419,3 +419,45 @@ def test_vqav2_and_vizwiz_upload_files_equal_the_originals(orig, tmp_path):
     orig.run(vizwiz, *flags, str(tmp_path / "vizwiz_theirs.json"))
     _our_script("convert_vizwiz_for_submission.py", *flags, str(tmp_path / "vizwiz_ours.json"), cwd=tmp_path)
     assert (tmp_path / "vizwiz_ours.json").read_bytes() == (tmp_path / "vizwiz_theirs.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation defaults (items 20, 22)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_generation_defaults_are_the_originals(orig):
+    """max_new_tokens and the template a script falls back to, read from the original scripts' own source."""
+    import inspect
+
+    from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science, runner
+
+    scripts = {"model_vqa": model_vqa, "model_vqa_loader": model_vqa_loader, "model_vqa_mmbench": model_vqa_mmbench}
+    scripts["model_vqa_science"] = model_vqa_science
+    theirs = orig.json(
+        """
+        import ast, importlib.util, json, sys
+        out = {}
+        for name in json.loads(sys.argv[1]):
+            tree = ast.parse(open(importlib.util.find_spec("llava.eval." + name).origin).read())
+            found = {}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                    flag = node.args[0].value
+                    default = [k.value.value for k in node.keywords if k.arg == "default"]
+                    if flag in ("--conv-mode", "--max_new_tokens") and default:
+                        found[flag] = default[0]
+                if isinstance(node, ast.keyword) and node.arg == "max_new_tokens" and isinstance(node.value, ast.Constant):
+                    found.setdefault("--max_new_tokens", node.value.value)
+            out[name] = found
+        print(json.dumps(out))
+        """,
+        json.dumps(sorted(scripts)),
+    )
+    runner_default = inspect.signature(runner.answer_all).parameters["default_conv_mode"].default
+    for name, module in scripts.items():
+        parsed = module.build_parser().parse_args(["--question-file", "q", "--answers-file", "a"])
+        assert parsed.max_new_tokens == theirs[name]["--max_new_tokens"], name
+        expected = "llava_v0" if name == "model_vqa_science" else runner_default
+        assert theirs[name]["--conv-mode"] == expected, name
+    assert 'default_conv_mode="llava_v0"' in inspect.getsource(model_vqa_science.eval_model)
