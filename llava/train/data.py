@@ -2,7 +2,8 @@
 
 Records are read and validated up front (schema, `<image>` count, image files), so a bad record stops the run before
 step 1 with its file, index and image path, unless `--skip_bad_records` drops it. Images are opened lazily, in
-`__getitem__`.
+`__getitem__`; with `--skip_bad_records` a record whose image fails to load then is dropped from its batch by the
+collator (never replaced by another record).
 """
 
 from __future__ import annotations
@@ -215,9 +216,14 @@ def find_bad_images(records: Sequence[Record], mode: str = "header", workers: in
 
 
 def load_records(
-    data_path: str, image_folder: str | None, image_check: str = "header", skip_bad: bool = False
+    data_path: str,
+    image_folder: str | None,
+    image_check: str = "header",
+    skip_bad: bool = False,
+    skipped: list[BadRecordError] | None = None,
 ) -> list[Record]:
-    """Read, normalize and validate a dataset; bad records stop the run (or are dropped with `skip_bad`)."""
+    """Read, normalize and validate a dataset; bad records stop the run (or are dropped with `skip_bad`, and
+    appended to `skipped` when given)."""
     raw = read_records(data_path)
     records, problems = [], []
     for i, item in enumerate(raw):
@@ -240,6 +246,8 @@ def load_records(
                 "`--skip_bad_records True` to train without them."
             )
         logger.warning("Skipping %d bad record(s) of `%s`:\n%s%s", len(problems), data_path, listing, more)
+        if skipped is not None:
+            skipped += problems
     if not records:
         raise DatasetError(f"`{data_path}` has no usable records.")
     return records
@@ -319,6 +327,7 @@ class LazySupervisedDataset(Dataset):
         self.image_config = image_config or {"image_aspect_ratio": "square"}
         self.source = source
         self.skip_bad = skip_bad
+        self.skipped_before_training: list[int] = []  # record indices `load_records` dropped (set by the caller)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -373,15 +382,15 @@ class LazySupervisedDataset(Dataset):
         return truncate_to_fit(tokens, counts, self.max_length)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        for attempt in range(len(self.records)):
-            i = (index + attempt) % len(self.records)
-            try:
-                return self._item(i)
-            except BadRecordError as err:
-                if not self.skip_bad:
-                    raise
-                logger.warning("Skipping a bad record during training: %s", err)
-        raise DatasetError(f"No record of `{self.source}` could be loaded.")
+        """Sample `index`; with `skip_bad`, a record that fails to load gives `{"skipped_record": <record index>}`,
+        which the collator leaves out of the batch (the record is dropped, not replaced)."""
+        try:
+            return self._item(index)
+        except BadRecordError as err:
+            if not self.skip_bad:
+                raise
+            logger.warning("Dropping a bad record during training: %s", err)
+            return {"skipped_record": self.records[index].index}
 
     def _item(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -429,6 +438,21 @@ class DataCollatorForSupervisedDataset:
     pad_token_id: int
 
     def __call__(self, instances: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        skipped = [x["skipped_record"] for x in instances if "skipped_record" in x]
+        instances = [x for x in instances if "skipped_record" not in x]
+        placeholder = not instances
+        if placeholder:
+            # Every record of this batch was dropped. The step still runs (each rank of a distributed run must take
+            # the same number of steps), on one pad token with nothing supervised: it adds nothing to the loss or
+            # the gradient.
+            instances = [{"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}]
+        batch = self._pad(instances)
+        if skipped:
+            batch["skipped_records"] = skipped  # popped by LLaVATrainer.training_step, which counts them
+            batch["placeholder_batch"] = placeholder
+        return batch
+
+    def _pad(self, instances: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(x["input_ids"]) for x in instances]
         width = max(lengths)
         input_ids = torch.full((len(instances), width), self.pad_token_id, dtype=torch.long)

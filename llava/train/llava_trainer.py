@@ -240,6 +240,8 @@ WEIGHT_FILES = {
 }
 # What PyTorch's zip writer says when a write comes up short (it does not report errno).
 TORCH_SHORT_WRITE = re.compile(r"unexpected pos|iostream error|PytorchStreamWriter failed|file write failed")
+# What libraries that do not raise OSError (the Rust `tokenizers`) say for ENOSPC / EDQUOT.
+NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b")
 # A failed write with less free space than this left on the filesystem is taken for a full disk.
 NEARLY_FULL_BYTES = 1 << 20
 
@@ -418,8 +420,11 @@ def disk_full_reason(err: BaseException, directory: str) -> str | None:
     free = shutil.disk_usage(_existing_parent(directory)).free
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return os.strerror(err.errno)
+    text = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
+    if NO_SPACE_TEXT.search(str(err)):
+        return text
     if isinstance(err, (OSError, RuntimeError)) and (TORCH_SHORT_WRITE.search(str(err)) or free < NEARLY_FULL_BYTES):
-        return f"a short write ({str(err).strip().splitlines()[-1][:120]})"
+        return f"a short write: {text}"
     return None
 
 
@@ -430,7 +435,7 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
     is removed first, which gives the space of the unfinished save back."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # writers raise OSError, RuntimeError (torch) or plain Exception (tokenizers)
         reason = disk_full_reason(err, directory)
         if reason is None or isinstance(err, CheckpointWriteError):
             raise
@@ -438,6 +443,11 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
         usage = shutil.disk_usage(_existing_parent(directory))
+        head = (
+            "No space left on device"
+            if usage.free < NEARLY_FULL_BYTES or "short write" not in reason
+            else ("A write failed (a full disk or quota?)")
+        )
         intact = (
             f"The previous checkpoint `{previous}` is intact; free some space (or point --output_dir at a larger "
             "disk) and run the same command again to resume from it."
@@ -445,7 +455,7 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
             else "There is no earlier checkpoint to resume from; free some space and start again."
         )
         raise CheckpointWriteError(
-            f"No space left on device while saving {what}: writing `{file}` in `{directory}` failed ({reason}); "
+            f"{head} while saving {what}: writing `{file}` in `{directory}` failed ({reason}); "
             f"{_human_bytes(usage.free)} free of {_human_bytes(usage.total)} on that filesystem"
             + (" (the unfinished save was removed)" if cleanup else "")
             + f". {intact}"

@@ -11,17 +11,21 @@ A tiny CPU run that finishes in seconds (tiny backbones: `llava.demo.backbones`;
         --data_path data.json --image_folder images --tune_mm_mlp_adapter True --output_dir out --max_steps 5 \
         --per_device_train_batch_size 2 --report_to none
 A run whose output_dir already holds checkpoints resumes from the newest complete one (`--overwrite_output_dir True`
-starts afresh).
+starts afresh). Started by a launcher (torchrun, deepspeed), each rank stops when its launcher dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import os
-import re
+import signal
+import sys
+import threading
+import time
 
 import torch
 import transformers
@@ -39,7 +43,13 @@ from llava.train.data import (
     load_records,
     scan_supervision,
 )
-from llava.train.llava_trainer import LLaVATrainer, unwrap_llava
+from llava.train.llava_trainer import (
+    LLaVATrainer,
+    disk_full_errors,
+    remove_unfinished_saves,
+    resumable_checkpoint,
+    unwrap_llava,
+)
 from llava.train.preprocess import CHAT_TEMPLATE, Preprocessor, check_version
 
 logger = logging.getLogger("llava.train")
@@ -320,20 +330,14 @@ def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments)
 # ------------------------------------------------------------------------------------------------------- resuming
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that was written completely (it has trainer_state.json)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, "trainer_state.json")):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+def last_checkpoint(output_dir: str, checkpoint_format: str | None = None, optimizer: bool = True) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was written completely: trainer_state.json readable, the weight
+    files of `checkpoint_format` and the optimizer (or DeepSpeed) state present and not cut short. Newer broken ones
+    are skipped with a warning that says what is wrong with each."""
+    return resumable_checkpoint(output_dir, checkpoint_format, optimizer)
 
 
-def _resume_target(training_args: TrainingArguments) -> str | None:
+def _resume_target(training_args: TrainingArguments, checkpoint_format: str | None = None) -> str | None:
     given = (training_args.resume_from_checkpoint or "").strip()
     if given.lower() in ("false", "no", "none"):
         return None
@@ -341,7 +345,65 @@ def _resume_target(training_args: TrainingArguments) -> str | None:
         return given
     if training_args.overwrite_output_dir:
         return None
-    return last_checkpoint(training_args.output_dir)
+    if training_args.should_save:
+        remove_unfinished_saves(training_args.output_dir)
+    return last_checkpoint(training_args.output_dir, checkpoint_format, not training_args.save_only_model)
+
+
+# ---------------------------------------------------------------------------------------------- launcher watch
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LAUNCHER_POLL_SECONDS = 1.0
+# After SIGTERM a rank whose handlers keep it alive is ended outright after this long.
+LAUNCHER_GRACE_SECONDS = 30.0
+
+
+def launched_by_launcher() -> bool:
+    """Whether this process is a rank started by torchrun / torch.distributed.run or the deepspeed launcher."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def stop_with_launcher() -> None:
+    """Make this rank end when the launcher that started it dies (kill -9 of torchrun would otherwise leave the
+    ranks training as orphans: PyTorch starts them in their own sessions, so no terminal signal reaches them).
+
+    Linux: the kernel sends SIGTERM at the parent's death (`prctl(PR_SET_PDEATHSIG)`). Everywhere: a daemon thread
+    checks once a second whether the parent changed, and then sends SIGTERM to this process (and ends it after
+    `LAUNCHER_GRACE_SECONDS` if that did not). Does nothing unless started by a launcher."""
+    if not launched_by_launcher():
+        return
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); polling the launcher only.", ctypes.get_errno())
+    if parent == 1 or not _alive(parent):  # the launcher died before the watch was set
+        _launcher_gone(parent)
+    threading.Thread(target=_watch_parent, args=(parent,), name="llava-launcher-watch", daemon=True).start()
+    logger.info("Rank pid %d stops when its launcher (pid %d) dies.", os.getpid(), parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(LAUNCHER_POLL_SECONDS)
+    _launcher_gone(parent)
+
+
+def _launcher_gone(parent: int) -> None:
+    logger.error("The launcher (pid %d) is gone; this rank (pid %d) stops.", parent, os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(LAUNCHER_GRACE_SECONDS)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -374,8 +436,9 @@ def _write_run_config(model_args, data_args, training_args) -> None:
 def build_dataset(tokenizer, model, model_args, data_args, training_args) -> LazySupervisedDataset:
     base = unwrap_llava(model)
     tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
+    skipped = []
     records = load_records(
-        data_args.data_path, data_args.image_folder, data_args.validate_images, data_args.skip_bad_records
+        data_args.data_path, data_args.image_folder, data_args.validate_images, data_args.skip_bad_records, skipped
     )
     dataset = LazySupervisedDataset(
         records,
@@ -390,6 +453,7 @@ def build_dataset(tokenizer, model, model_args, data_args, training_args) -> Laz
         source=data_args.data_path,
         skip_bad=data_args.skip_bad_records,
     )
+    dataset.skipped_before_training = [err.index for err in skipped]
     checked, masked = scan_supervision(dataset, seed=training_args.seed)
     if len(masked) > data_args.max_masked_fraction * checked:
         raise DatasetError(
@@ -414,6 +478,7 @@ def train(
     """
     model_args, data_args, training_args = parse_args(argv)
     _setup_logging(training_args)
+    stop_with_launcher()
     for note in training_args.hardware_notes:
         logger.info(note)
     attn_implementation = attn_implementation or "sdpa"
@@ -452,13 +517,16 @@ def train(
         checkpoint_format=checkpoint_format,
         max_masked_fraction=data_args.max_masked_fraction,
     )
-    resume = _resume_target(training_args)
+    resume = _resume_target(training_args, checkpoint_format)
     if resume:
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
     unwrap_llava(model).config.use_cache = True
-    trainer.save_model(training_args.output_dir)
+    out = training_args.output_dir
+    previous = last_checkpoint(out, checkpoint_format) if training_args.should_save else None
+    with disk_full_errors(out, f"the final model into `{out}`", previous):
+        trainer.save_state()
+        trainer.save_model(out)
     return trainer
 
 

@@ -1,0 +1,301 @@
+"""Training faults (issue 17): resume past a broken checkpoint, a plain disk-full error, `--skip_bad_records` that
+drops records, and ranks that stop when their torchrun launcher is killed. Real training runs on the tiny models."""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+from train_helpers import free_port, logged_losses, make_dataset, tiny_flags
+from transformers import TrainerCallback
+
+from llava.train.data import DataCollatorForSupervisedDataset
+from llava.train.llava_trainer import CheckpointWriteError, checkpoint_problems
+from llava.train.train import last_checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a killed job once `step` is reached."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"simulated kill at step {state.global_step}")
+
+
+@pytest.fixture
+def llava_log(caplog):
+    """caplog that sees the `llava` loggers (train() stops them propagating to the root logger)."""
+    logger = logging.getLogger("llava")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="module")
+def caption(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("caption")), n_image=24)
+
+
+STAGE1 = dict(tune_mm_mlp_adapter=True, max_steps=8, save_steps=2, learning_rate=2e-3)
+
+
+# --------------------------------------------------------------------------------------------- broken checkpoints
+
+
+def _empty_state(path: str) -> str:
+    open(os.path.join(path, "trainer_state.json"), "w").close()
+    return "`trainer_state.json` is empty"
+
+
+def _half_written_weights(path: str) -> str:
+    weights = os.path.join(path, "mm_projector.bin")
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    return "`mm_projector.bin` is cut short"
+
+
+def _corrupt_state(path: str) -> str:
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        f.write('{"global_step": 6, "log_hist')
+    return "`trainer_state.json` is not valid JSON"
+
+
+@pytest.mark.parametrize("damage", [_empty_state, _corrupt_state, _half_written_weights])
+def test_resume_skips_a_broken_newest_checkpoint(tiny, caption, tmp_path, llava_log, damage):
+    straight = train(tiny_flags(tiny, *caption, str(tmp_path / "straight"), **STAGE1))
+    out = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_flags(tiny, *caption, out, **STAGE1), callbacks=[CrashAt(7)])
+    newest = os.path.join(out, "checkpoint-6")
+    assert last_checkpoint(out, "projector") == newest
+    expected = damage(newest)
+    assert any(expected in p for p in checkpoint_problems(newest, "projector")), checkpoint_problems(newest)
+    leftover = os.path.join(out, ".saving-checkpoint-8", "checkpoint-8")  # an interrupted save's staging folder
+    os.makedirs(leftover)
+    resumed = train(tiny_flags(tiny, *caption, out, **STAGE1))
+    assert f"Not resuming from `{newest}`" in llava_log.text and expected in llava_log.text
+    assert f"Resuming from {os.path.join(out, 'checkpoint-4')}" in llava_log.text
+    assert not os.path.exists(os.path.dirname(leftover))
+    steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
+    assert steps == list(range(1, 9))  # 1-4 from checkpoint-4's state, 5-8 trained again
+    assert logged_losses(resumed) == pytest.approx(logged_losses(straight), abs=1e-6)
+    # the broken checkpoint-6 was replaced by a complete one; no staging folder is left
+    assert checkpoint_problems(newest, "projector") == []
+    assert not glob.glob(os.path.join(out, ".saving-*")) and not glob.glob(os.path.join(out, ".stale-*"))
+
+
+def test_checkpoint_problems_cover_deepspeed_and_optimizer_state(tmp_path):
+    ckpt = tmp_path / "checkpoint-3"
+    (ckpt / "global_step3").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (ckpt / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(4)}, ckpt / "mm_projector.bin")
+    (ckpt / "latest").write_text("global_step3")
+    torch.save({"m": torch.zeros(64)}, ckpt / "global_step3" / "mp_rank_00_model_states.pt")
+    assert checkpoint_problems(str(ckpt), "projector") == ["DeepSpeed state `global_step3/*optim_states.pt` is missing"]
+    optim = ckpt / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"o": torch.zeros(4096)}, optim)
+    assert checkpoint_problems(str(ckpt), "projector") == []
+    optim.write_bytes(optim.read_bytes()[:3000])
+    assert checkpoint_problems(str(ckpt), "projector") == [
+        "`global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt` is cut short (3000 bytes: File is not a zip file)"
+    ]
+    (ckpt / "latest").unlink()
+    problems = checkpoint_problems(str(ckpt), "full")
+    assert (
+        "weights missing: `model.safetensors` or `model.safetensors.index.json` or `pytorch_model.bin` or "
+        in (problems[0])
+    )
+    assert problems[1:] == ["`optimizer.pt` is missing", "`scheduler.pt` is missing"]
+
+
+# ---------------------------------------------------------------------------------------------------- disk full
+
+
+class FillDiskAfterSave(TrainerCallback):
+    """Once the first checkpoint is saved, fills the filesystem of `output_dir` up to `leave` free bytes."""
+
+    def __init__(self, leave: int):
+        self.leave, self.filler = leave, None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.filler is None:
+            self.filler = os.path.join(args.output_dir, "filler")
+            free = shutil.disk_usage(args.output_dir).free
+            with open(self.filler, "wb") as f:
+                f.write(b"\0" * max(0, free - self.leave))
+
+
+@pytest.fixture
+def small_disk():
+    """A 16 MiB tmpfs (mounting needs root; skipped with the reason otherwise); unmounted afterwards."""
+    mount = tempfile.mkdtemp(prefix="llava-full-disk-")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mount], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.rmdir(mount)
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.strip()}")
+    yield mount
+    gc.collect()  # the failed save's frames (kept by the exception) may hold a file open on it
+    if subprocess.run(["umount", mount], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", mount], check=True)  # still busy: detach it now, freed when closed
+    os.rmdir(mount)
+
+
+@pytest.mark.parametrize("leave", [40_000, 0])
+def test_disk_full_during_a_save_says_where_and_what_is_intact(tiny, caption, small_disk, leave):
+    out = os.path.join(small_disk, "out")
+    flags = tiny_flags(tiny, *caption, out, **{**STAGE1, "save_steps": 3})
+    filler = FillDiskAfterSave(leave)
+    with pytest.raises(CheckpointWriteError) as err:
+        train(flags, callbacks=[filler])
+    message = str(err.value)
+    del err
+    previous = os.path.join(out, "checkpoint-3")
+    staging = os.path.join(out, ".saving-checkpoint-6")
+    assert message.startswith("No space left on device while saving `checkpoint-6`: writing `" + staging), message
+    assert f"in `{staging}` failed" in message and " free of 16.0 MiB on that filesystem" in message
+    assert f"The previous checkpoint `{previous}` is intact" in message
+    assert "the unfinished save was removed" in message and not os.path.exists(staging)
+    assert checkpoint_problems(previous, "projector") == []
+    # with space again, the same command resumes from the intact checkpoint and finishes
+    os.remove(filler.filler)
+    resumed = train(flags)
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == list(range(1, 9))
+    assert os.path.isfile(os.path.join(out, "mm_projector.bin"))
+
+
+# -------------------------------------------------------------------------------------------------------- skipping
+
+
+class RecordsTrained(TrainerCallback):
+    """Records the dataset record index of every sample the training loop loads (single process, no workers)."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = train_dataloader.dataset
+        load = dataset._item
+
+        def recording(i):
+            item = load(i)
+            self.seen.append(dataset.records[i].index)
+            return item
+
+        dataset._item = recording
+
+
+def test_skip_bad_records_drops_them_and_counts_them(tiny, tmp_path, llava_log):
+    data_path, folder = make_dataset(str(tmp_path / "d"), n_image=12)
+    records = json.load(open(data_path))
+    os.remove(os.path.join(folder, records[2]["image"]))  # found before step 1
+    with open(os.path.join(folder, records[7]["image"]), "wb") as f:
+        f.write(b"exists, but is not an image")  # passes `--validate_images exists`; found while training
+    out = str(tmp_path / "out")
+    seen = RecordsTrained()
+    flags = tiny_flags(
+        tiny, data_path, folder, out, tune_mm_mlp_adapter=True, skip_bad_records=True, validate_images="exists"
+    )
+    trainer = train(flags, callbacks=[seen])
+    good = [i for i in range(12) if i not in (2, 7)]
+    assert sorted(seen.seen) == good  # one epoch: every good record once, no duplicate, no stand-in
+    assert trainer.state.global_step == 3  # 11 records in batches of 4; record 7 dropped from its batch
+    assert "Dropping a bad record during training" in llava_log.text and "record 7" in llava_log.text
+    assert (
+        "Skipped 2 bad record(s) of the dataset in this run (1 found before step 1, 1 while training" in llava_log.text
+    )
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    assert state["stateful_callbacks"]["SkippedRecords"]["attributes"] == {
+        "count": 2,
+        "before_training": [2],
+        "during_training": [7],
+    }
+
+
+def test_collator_drops_skipped_items_and_keeps_a_step_when_all_are_bad():
+    collate = DataCollatorForSupervisedDataset(pad_token_id=0)
+    good = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "images": []}
+    batch = collate([{"skipped_record": 3}, good])
+    assert batch["input_ids"].tolist() == [[5, 6, 7]] and batch["skipped_records"] == [3]
+    assert batch["placeholder_batch"] is False
+    empty = collate([{"skipped_record": 3}, {"skipped_record": 4}])
+    assert empty["skipped_records"] == [3, 4] and empty["placeholder_batch"] is True
+    assert empty["labels"].tolist() == [[-100]]  # nothing supervised: no loss, no gradient
+    assert "skipped_records" not in collate([good])
+
+
+# ------------------------------------------------------------------------------------------------ killed launcher
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped (nobody may reap orphans in a container)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the ranks")
+def test_killed_launcher_leaves_no_rank_running(tiny, caption, tmp_path):
+    out = str(tmp_path / "out")
+    flags = tiny_flags(tiny, *caption, out, tune_mm_mlp_adapter=True, max_steps=100000, save_steps=100000)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    log_path = str(tmp_path / "log.txt")
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            [*cmd, "-m", "llava.train.train", *flags], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and launcher.poll() is None:
+            text = open(log_path).read()
+            if "'loss'" in text:  # both ranks are training (each step synchronises them)
+                break
+            time.sleep(1)
+        text = open(log_path).read()
+        assert launcher.poll() is None and "'loss'" in text, text[-4000:]
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2 and any(f"Rank pid {pid} stops when its launcher" in text for pid in ranks), ranks
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(_running(pid) for pid in ranks):
+            time.sleep(0.5)
+        assert not any(_running(pid) for pid in ranks), open(log_path).read()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
