@@ -22,13 +22,13 @@ from llava.eval.runner import read_jsonl
 DROPPED = ["hint", "category", "source", "image", "comment", "l2-category"]
 
 
-def _typed_columns(rows: list[dict], columns: list[str]) -> dict[str, type]:
+def _typed_columns(rows: list[dict], columns: list[str], na_as_missing: bool = False) -> dict[str, type]:
     """int / float / str per column, as pandas reads a TSV column (numbers stay numbers in the xlsx; a numeric
     column with an empty cell is float)."""
     types = {}
     for col in columns:
         cells = [r.get(col) for r in rows]
-        values = [v for v in cells if not is_none(v)]
+        values = [v for v in cells if not is_none(v, na_as_missing)]
         kind: type = str
         for candidate in (int, float):
             try:
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--result-dir", type=str, required=True)
     parser.add_argument("--upload-dir", type=str, required=True)
     parser.add_argument("--experiment", type=str, required=True)
+    parser.add_argument(
+        "--na-as-missing",
+        action="store_true",
+        help="write cells pandas reads as missing (NA, N/A, null, ...) as empty cells, as the original did",
+    )
     return parser
 
 
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> str:
     for answer in read_jsonl(os.path.join(args.result_dir, f"{args.experiment}.jsonl")):
         if answer.get("round_id", 0) == 0:
             predictions[answer["question_id"]] = answer["text"]
-    types = _typed_columns(rows, [c for c in columns if c != "prediction"])
+    types = _typed_columns(rows, [c for c in columns if c != "prediction"], args.na_as_missing)
     table = []
     for row in rows:
         out = []
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
                 out.append(predictions.get(row["index"]))
             else:
                 value = row.get(col)
-                out.append(None if is_none(value) else types[col](value))
+                out.append(None if is_none(value, args.na_as_missing) else types[col](value))
         table.append(out)
     missing = sum(1 for row in rows if row["index"] not in predictions)
     if missing:

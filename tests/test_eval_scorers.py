@@ -605,3 +605,20 @@ def test_pope_script_end_to_end(tmp_path, tiny):
     assert [a["question_id"] for a in answers] == [10, 11, 12]
     assert {a["metadata"]["conv_mode"] for a in answers} == {"llava_v1"}  # CONV_MODE= : the checkpoint's template
     assert "Category: random, # samples: 3" in done.stdout and "F1 score:" in done.stdout
+
+
+def test_convert_mmbench_keeps_na_like_cells_as_text(tmp_path):
+    """Issue 12 item 12: `NA`-like cells stay text in the upload; --na-as-missing writes them empty, as the original."""
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "image"]
+    tsv = tmp_path / "mmbench_dev.tsv"
+    tsv.write_text(
+        "\t".join(columns) + "\n" + "\t".join(["0", "Which?", "NA", "N/A", "null", "#N/A", "", "A", "x"]) + "\n"
+    )
+    write_jsonl(tmp_path / "answers" / "exp.jsonl", [answer(0, "A", round_id=0)])
+    common = ["--annotation-file", str(tsv), "--result-dir", str(tmp_path / "answers"), "--experiment", "exp"]
+    converter = load_script("convert_mmbench_for_submission")
+    header, table = read_xlsx(converter.main([*common, "--upload-dir", str(tmp_path / "up")]))
+    assert header == ["index", "question", "A", "B", "C", "D", "prediction", "answer"]
+    assert table == [[0, "Which?", "N/A", "null", "#N/A", None, "A", "A"]]
+    _, table = read_xlsx(converter.main([*common, "--upload-dir", str(tmp_path / "orig"), "--na-as-missing"]))
+    assert table == [[0, "Which?", None, None, None, None, "A", "A"]]
