@@ -164,8 +164,9 @@ class Conversation:
 
     # ---------------------------------------------------------------- images and UI
 
-    def get_images(self, return_pil: bool = False, max_len: int = 800, min_len: int = 400) -> list[Any]:
-        """The images of the user turns, processed by their mode and shrunk to fit `max_len` x `min_len`.
+    def get_images(self, return_pil: bool = False, max_len: int = 1344, min_len: int = 672) -> list[Any]:
+        """The images of the user turns, processed by their mode and shrunk as the original's HEAD does (only
+        when the longest side is over `max_len`; see `process_image`).
 
         Returns PIL images when `return_pil`, else base64-encoded PNG strings.
         """
@@ -177,7 +178,7 @@ class Conversation:
                 images.append(image if return_pil else _to_base64_png(image))
         return images
 
-    def to_gradio_chatbot(self, max_len: int = 800, min_len: int = 400) -> list[dict[str, str]]:
+    def to_gradio_chatbot(self, max_len: int = 1344, min_len: int = 672) -> list[dict[str, str]]:
         """The conversation in Gradio's messages format; an image shows as an inline `<img>` before its text."""
         chat = []
         for i, (_, message) in enumerate(self.messages[self.offset :]):
@@ -305,9 +306,10 @@ _RENDERERS: dict[SeparatorStyle, Callable[[Conversation, list[_Turn]], list[Segm
 # -------------------------------------------------------------------- images
 
 
-def process_image(image: Image.Image, mode: str, max_len: int = 800, min_len: int = 400) -> Image.Image:
-    """Apply the web UI's `image_process_mode`, then shrink (never enlarge) so the longest side is <= `max_len`
-    and the shortest <= `min_len`, keeping the aspect ratio."""
+def process_image(image: Image.Image, mode: str, max_len: int = 1344, min_len: int = 672) -> Image.Image:
+    """Apply the web UI's `image_process_mode`, then, only when the longest side is over `max_len` (the original's
+    HEAD rule, sized for anyres models), shrink keeping the aspect ratio: the short side becomes the smallest of
+    `max_len / aspect`, `min_len` and itself."""
     if mode == "Pad":
         image = _expand_to_square(image.convert("RGB"), PAD_BACKGROUND)
     elif mode == "Resize":
@@ -316,7 +318,7 @@ def process_image(image: Image.Image, mode: str, max_len: int = 800, min_len: in
         raise ValueError(f"Unknown image_process_mode `{mode}`; expected one of {list(IMAGE_PROCESS_MODES)}.")
     width, height = image.size
     longest, shortest = max(width, height), min(width, height)
-    if longest <= max_len and shortest <= min_len:
+    if longest <= max_len:
         return image
     aspect = longest / shortest
     new_short = max(1, int(min(max_len / aspect, min_len, shortest)))

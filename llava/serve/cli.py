@@ -92,7 +92,6 @@ def main(argv=None) -> int:
             continue
         if pending_images:  # the images go with the first message, marked where the user put `<image>` or first
             line = engine.with_image_markers(line, len(images))
-            pending_images = False
         conv.append_message(conv.roles[0], line)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
@@ -103,9 +102,11 @@ def main(argv=None) -> int:
             print(f"\n[error: {err}]", flush=True)
             conv.messages = conv.messages[:-2]
             continue
+            # a rejected turn leaves the conversation as it was: the images still go with the next message
         print(flush=True)
         conv.messages[-1][1] = answer
         if args.debug:
+        pending_images = False
             print("\n" + repr({"prompt": prompt, "outputs": answer}) + "\n", flush=True)
 
 

@@ -5,14 +5,14 @@
 Endpoints (POST, JSON): /register_worker, /receive_heart_beat, /refresh_all_workers, /list_models,
 /get_worker_address, /worker_get_status, and /worker_generate_stream, which forwards a generation request to a
 worker of its `model` and streams the answer back. A worker that misses heartbeats for --heart-beat-expiration
-seconds is dropped.
+seconds is dropped. A client that cannot reach a worker posts `{"worker_name"}` to /report_unreachable: the worker
+gets no new requests until a status probe (/worker_get_status, retried with back-off) answers again.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import threading
@@ -29,6 +29,7 @@ from llava.serve.server_utils import (
     ClusterKeyMiddleware,
     add_cluster_args,
     add_server_args,
+    loads_json,
     read_json_object,
     require,
     run_server,
@@ -46,6 +47,10 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 logger = logging.getLogger("llava.serve.controller")
 
 DISPATCH_METHODS = ("lottery", "shortest_queue")
+PROBE_TICK_S = 0.25  # how often reported workers are considered for a probe
+PROBE_FIRST_S = 0.5  # first status probe of a reported worker; then doubling up to PROBE_MAX_S
+PROBE_MAX_S = 8.0
+RELAY_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # bounded by the workers' queues
 
 
 @dataclasses.dataclass
@@ -72,6 +77,8 @@ class Controller:
         self.heart_beat_expiration = heart_beat_expiration
         self.cluster_key = cluster_key  # sent to workers; also required from every caller (see build_app)
         self.workers: dict[str, WorkerInfo] = {}
+        # workers a client reported unreachable: not routed to until a status probe answers (name -> next probe)
+        self.suspects: dict[str, tuple[float, float]] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
 
@@ -104,8 +111,40 @@ class Controller:
 
     def remove_worker(self, worker_name: str) -> None:
         with self._lock:
+            self.suspects.pop(worker_name, None)
             if self.workers.pop(worker_name, None) is not None:
                 logger.info("Removed worker %s", worker_name)
+
+    def report_unreachable(self, worker_name: str) -> bool:
+        """Stop routing to `worker_name` at once; it is re-admitted when a status probe answers again (or dropped
+        when its heartbeats expire). False when the worker is not registered."""
+        with self._lock:
+            if worker_name not in self.workers:
+                return False
+            if worker_name not in self.suspects:
+                logger.warning("Worker %s was reported unreachable; not routing to it until it answers", worker_name)
+                self.suspects[worker_name] = (time.monotonic() + PROBE_FIRST_S, PROBE_FIRST_S)
+            return True
+
+    def probe_suspects(self) -> None:
+        """Probe each reported worker whose turn has come: re-admit it when it answers, else back off."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(name, wait) for name, (at, wait) in self.suspects.items() if at <= now]
+        for name, wait in due:
+            status = self.get_worker_status(name)
+            with self._lock:
+                info = self.workers.get(name)
+                if info is None or name not in self.suspects:
+                    continue
+                if status is None:
+                    wait = min(wait * 2, PROBE_MAX_S)
+                    self.suspects[name] = (time.monotonic() + wait, wait)
+                    continue
+                del self.suspects[name]
+                info.model_names, info.speed = status["model_names"], status["speed"]
+                info.queue_length = status["queue_length"]
+            logger.info("Worker %s answers again; routing to it", name)
 
     def refresh_all_workers(self) -> None:
         with self._lock:
@@ -119,6 +158,7 @@ class Controller:
                 if status is None:
                     self.remove_worker(name)
                 else:
+                    self.suspects.pop(name, None)
                     info.model_names, info.speed = status["model_names"], status["speed"]
                     info.queue_length = status["queue_length"]
 
@@ -147,7 +187,7 @@ class Controller:
             return {
                 name: info
                 for name, info in self.workers.items()
-                if self._alive(info, now) and (model is None or model in info.model_names)
+                if self._alive(info, now) and name not in self.suspects and (model is None or model in info.model_names)
             }
 
     # -- queries -----------------------------------------------------------------------------------------------
@@ -182,6 +222,7 @@ class Controller:
     # -- expiry thread -----------------------------------------------------------------------------------------
     def start(self) -> None:
         threading.Thread(target=self._expire_loop, name="llava-heart-beat-expiry", daemon=True).start()
+        threading.Thread(target=self._probe_loop, name="llava-probe-suspects", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,6 +230,10 @@ class Controller:
     def _expire_loop(self) -> None:
         while not self._stop.wait(max(0.2, self.heart_beat_expiration / 3)):
             self.remove_stale_workers()
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(PROBE_TICK_S):
+            self.probe_suspects()
 
 
 def _valid_status(status) -> dict:
@@ -218,7 +263,7 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
     @asynccontextmanager
     async def lifespan(app):
         controller.start()
-        app.state.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+        app.state.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, pool=None), limits=RELAY_LIMITS)
         yield
         await app.state.http.aclose()
         controller.stop()
@@ -280,6 +325,11 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
             raise ServeError(f"`queue_length` must be a non-negative integer, got `{queue!r:.60}`.")
         return {"exist": controller.receive_heart_beat(field(body, "worker_name"), queue)}
 
+    @app.post("/report_unreachable")
+    async def report_unreachable(request: Request):
+        """A client could not reach `worker_name`: stop routing to it until a status probe answers."""
+        return {"known": controller.report_unreachable(field(await body_of(request), "worker_name"))}
+
     @app.post("/worker_get_status")
     async def worker_get_status():
         return controller.worker_api_get_status()
@@ -288,10 +338,10 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
     async def worker_generate_stream(request: Request):
         raw = await request.body()
         try:
-            body = json.loads(raw)
-            model = body["model"] if isinstance(body, dict) else None
-        except (ValueError, KeyError):
-            model = None
+            body = loads_json(raw)
+            model = body.get("model") if isinstance(body, dict) else None
+        except BadJSON as err:
+            raise ServeError(str(err)) from err
         if not isinstance(model, str):
             raise ServeError("The request must be a JSON object with a `model` name.")
         address = controller.get_worker_address(model)
@@ -310,7 +360,7 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
                 stream=True,
             )
         except httpx.HTTPError as err:
-            controller.remove_worker(address)
+            controller.report_unreachable(address)
             message = f"The worker {address} for `{model}` is unreachable ({type(err).__name__}); try again."
             chunk = encode_chunk(message, ErrorCode.SERVER_ERROR)
             return StreamingResponse(iter([chunk]), status_code=503, media_type="application/octet-stream")

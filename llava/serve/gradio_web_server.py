@@ -111,16 +111,31 @@ class WebServer:
             raise UserFacingError(data.get("error") or f"No worker is serving model `{model}` right now.")
         return data["address"]
 
-    def model_template(self, address: str) -> str:
+    def model_template(self, address: str, model: str = "") -> str:
+        """The worker's own chat template (our `/model_details`); for a worker that lacks that endpoint (the
+        original's, SGLang's), the template the original web UI would pick from the model name."""
         try:
             response = post_json(address + "/model_details", {}, self.cluster_key, timeout=10)
+            if response.status_code in (404, 405):  # an original-protocol worker
+                template = template_from_model_name(model)
+                logger.info("Worker %s has no /model_details; template `%s` from its name", address, template)
+                return template
             response.raise_for_status()
             return response.json().get("conv_mode") or DEFAULT_TEMPLATE
         except (requests.RequestException, ValueError) as err:
+            if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+                self.report_unreachable(address)
             raise UserFacingError(
                 f"The model worker at {address} is not responding ({type(err).__name__}); it may have stopped. "
                 "Try again in a few seconds or pick another model."
             ) from err
+
+    def report_unreachable(self, address: str) -> None:
+        """Tell the controller that `address` did not answer, so it stops routing to it until a probe succeeds."""
+        try:
+            post_json(self.controller_url + "/report_unreachable", {"worker_name": address}, self.cluster_key, 5)
+        except requests.RequestException as err:
+            logger.warning("Cannot report unreachable worker %s to the controller: %s", address, err)
 
     # -- logs --------------------------------------------------------------------------------------------------
     def _today(self) -> str:
@@ -151,6 +166,30 @@ class WebServer:
 
 class UserFacingError(Exception):
     """A failure whose message is shown in the chat."""
+
+
+def template_from_model_name(model: str) -> str:
+    """The chat template the original web UI picks from a model's name (used for workers without /model_details).
+    The original names two templates it does not define (`mistral_orca`, `mpt_text`); the nearest ones stand in."""
+    name = model.lower()
+    unfinetuned_plain = "plain" in name and "finetune" not in name
+    if "llava" in name:
+        if "llama-2" in name:
+            return "llava_llama_2"
+        if "mistral" in name or "mixtral" in name:
+            return "chatml_direct" if "hermes" in name else "mistral_instruct"
+        if "llava-v1.6-34b" in name:
+            return "chatml_direct"
+        if "v1" in name:
+            return "v1_mmtag" if "mmtag" in name or unfinetuned_plain else "llava_v1"
+        if "mpt" in name:
+            return "mpt"
+        return "v0_mmtag" if "mmtag" in name or unfinetuned_plain else "llava_v0"
+    if "mpt" in model:
+        return "mpt"
+    if "llama-2" in model:
+        return "llama_2"
+    return "vicuna_v1"
 
 
 def new_conversation() -> Conversation:
@@ -240,7 +279,7 @@ def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | Non
                 raise UserFacingError(NO_MODEL)
             address = server.worker_for(model)
             if len(state.messages) == state.offset + 2:  # first turn: switch to the model's own template
-                fresh = get_conv_template(server.model_template(address))
+                fresh = get_conv_template(server.model_template(address, model))
                 for i, (_, message) in enumerate(state.messages[state.offset :]):
                     fresh.append_message(fresh.roles[i % 2], message)
                 state = fresh
@@ -360,6 +399,7 @@ def stream_reply(server: WebServer, address: str, model: str, payload: dict):
             timeout=(10, server.request_timeout),
         )
     except requests.RequestException as err:
+        server.report_unreachable(address)
         raise UserFacingError(
             f"The model worker for `{model}` at {address} is not responding ({type(err).__name__}); it may have "
             "stopped. Try again in a few seconds or pick another model."
@@ -374,6 +414,7 @@ def stream_reply(server: WebServer, address: str, model: str, payload: dict):
                     raise UserFacingError(f"The worker answered HTTP {response.status_code}: {data.get('text')}")
                 yield data["text"][len(prompt) :].strip()
         except requests.RequestException as err:
+            server.report_unreachable(address)
             raise UserFacingError(
                 f"The connection to the worker for `{model}` broke mid-answer ({type(err).__name__}); try again."
             ) from err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import threading
 import time
 
@@ -56,6 +57,7 @@ logger = logging.getLogger("llava.serve.model_worker")
 
 MAX_PROMPT_CHARS = 1_000_000
 
+MAX_NEW_TOKENS_LIMIT = 1024  # the original worker's cap on `max_new_tokens`
 
 class ModelWorker:
     """One loaded model behind a batch scheduler, plus its registration with the controller."""
@@ -74,6 +76,7 @@ class ModelWorker:
         image_limits: ImageLimits | None = None,
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
         cluster_key: str | None = None,
+        max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
     ):
         self.engine = engine
         self.model_name = model_name
@@ -84,6 +87,7 @@ class ModelWorker:
         self.cluster_key = cluster_key  # required from callers (see build_app) and sent to the controller
         self.heart_beat_interval = heart_beat_interval
         if batching:
+        self.max_new_tokens_limit = max_new_tokens_limit
             self.scheduler = BatchScheduler(
                 engine, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
             )
@@ -130,9 +134,10 @@ class ModelWorker:
         if model is not None and model != self.model_name:
             raise ServeError(f"This worker serves `{self.model_name}`, not `{model}`; ask the controller for a worker.")
         params = GenerationParams(
-            temperature=_number(body, "temperature", 0.2, float),
+            # the original worker's defaults: temperature 1.0, 256 new tokens, capped at 1024 (--max-new-tokens-limit)
+            temperature=_number(body, "temperature", 1.0, float),
             top_p=_number(body, "top_p", 1.0, float),
-            max_new_tokens=_number(body, "max_new_tokens", 256, int),
+            max_new_tokens=min(_number(body, "max_new_tokens", 256, int), self.max_new_tokens_limit),
             num_beams=_number(body, "num_beams", 1, int),
             stop=_stop(body.get("stop")),
         )
@@ -232,6 +237,8 @@ def _number(body: dict, name: str, default, kind):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ServeError(f"`{name}` must be a number, got {_short(value)}.")
     if kind is int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ServeError(f"`{name}` must be a finite number, got {_short(value)}.")
         if value != int(value):
             raise ServeError(f"`{name}` must be a whole number, got {_short(value)}.")
         return int(value)
@@ -375,6 +382,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-queue-size", type=int, default=256, help="Waiting requests beyond this get 503.")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long a new batch waits for company.")
     parser.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=MAX_NEW_TOKENS_LIMIT,
+        help="Larger `max_new_tokens` requests are cut to this (the original worker's 1024).",
+    )
+    parser.add_argument(
         "--batching",
         choices=["on", "off"],
         default="on",
@@ -440,6 +453,7 @@ def main(argv=None) -> None:
         batch_wait_s=args.batch_wait_ms / 1000,
         batching=args.batching == "on",
         image_limits=limits,
+        max_new_tokens_limit=args.max_new_tokens_limit,
         heart_beat_interval=args.heart_beat_interval,
         cluster_key=key,
     )

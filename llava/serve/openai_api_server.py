@@ -18,7 +18,9 @@ key; the users' keys (--api-key) are separate. Errors use OpenAI's error format.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -58,6 +60,7 @@ logger = logging.getLogger("llava.serve.openai_api_server")
 
 ROLES = ("system", "developer", "user", "assistant")
 DETAILS_TTL = 30.0  # seconds a worker's template/context details are cached
+UPSTREAM_CONNECTIONS = 4096  # open connections to workers; beyond this requests wait (the workers' queues fill first)
 
 
 class ApiError(Exception):
@@ -122,6 +125,9 @@ def parse_chat_request(body: dict) -> ChatRequest:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ApiError(400, f"`messages[{i}].role` must be one of {', '.join(ROLES)}.", f"messages[{i}].role")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        param = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
+        raise ApiError(400, "`logprobs` is not supported by this server; leave it out (or false).", param)
     n = body.get("n")
     if n not in (None, 1):
         raise ApiError(400, f"Only `n`=1 is supported, got `{n!r:.20}`.", "n")
@@ -269,8 +275,23 @@ class Backend:
     def __init__(self, controller_url: str, cluster_key: str | None = None):
         self.controller_url = controller_url.rstrip("/")
         self.cluster_key = cluster_key
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+        # No pool wait limit: a request waits for a connection rather than failing (backpressure); the workers'
+        # queues decide when the cluster is full (503 "overloaded" from the worker).
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=None, pool=None),
+            limits=httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=64),
+        )
         self._details: dict[str, tuple[float, dict]] = {}
+
+    async def report_unreachable(self, address: str) -> None:
+        """Tell the controller that `address` did not answer, so it stops routing to it until a probe succeeds."""
+        self._details.pop(address, None)
+        try:
+            await apost_json(
+                self.http, self.controller_url + "/report_unreachable", {"worker_name": address}, self.cluster_key
+            )
+        except httpx.HTTPError as err:
+            logger.warning("Cannot report unreachable worker %s to the controller: %s", address, err)
 
     async def post_controller(self, path: str, body: dict | None = None) -> dict:
         try:
@@ -306,8 +327,10 @@ class Backend:
                 details = response.json()
                 self._details[address] = (time.monotonic(), details)
             except (httpx.HTTPError, ValueError) as err:
-                raise ApiError(
-                    503, f"The worker for `{model}` at {address} is unreachable ({type(err).__name__})."
+                if isinstance(err, httpx.TransportError):
+                    await self.report_unreachable(address)
+                raise WorkerUnreachable(
+                    address, f"The worker for `{model}` at {address} is unreachable ({type(err).__name__})."
                 ) from err
         return address, details
 
@@ -316,8 +339,10 @@ class Backend:
         try:
             response = await astream_open(self.http, address + "/worker_generate_stream", payload, self.cluster_key)
         except httpx.HTTPError as err:
-            self._details.pop(address, None)
-            raise ApiError(503, f"The worker at {address} is unreachable ({type(err).__name__}); try again.") from err
+            await self.report_unreachable(address)
+            raise WorkerUnreachable(
+                address, f"The worker at {address} is unreachable ({type(err).__name__}); try again."
+            ) from err
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
@@ -330,7 +355,74 @@ class Backend:
         return response
 
 
+class WorkerUnreachable(ApiError):
+    """A worker that could not be reached, or that dropped the connection mid-answer (503)."""
+
+    def __init__(self, address: str, message: str):
+        super().__init__(503, message, code="worker_unreachable")
+        self.address = address
+
+
+def _lost_worker(address: str, err: Exception) -> WorkerUnreachable:
+    return WorkerUnreachable(
+        address, f"The worker at {address} stopped mid-answer ({type(err).__name__}: {err}); try again."
+    )
+
+
+async def _collect(upstream, address: str) -> dict:
+    """Read a non-streaming answer to its last chunk; worker errors and a dropped connection raise `ApiError`."""
+    final = None
+    try:
+        async for data in aiter_chunks(upstream.aiter_raw()):
+            if data.get("error_code"):
+                raise _chunk_error(data)
+            final = data
+    except httpx.HTTPError as err:
+        raise _lost_worker(address, err) from err
+    finally:
+        await upstream.aclose()
+    if final is None or "finish_reason" not in final and not final.get("text"):
+        raise WorkerUnreachable(address, f"The worker at {address} closed the stream without an answer.")
+    return final
+
+
+async def _disconnect(request) -> None:
+    """Return when the client has gone (the body is already read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request, work):
+    """Await `work`; when the client disconnects first, cancel it (which closes the worker stream, so the worker
+    drops the request from its batch) and return None."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        logger.info("The client went away; cancelling its request")
+        return None
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+
+
+async def _guarded(upstream, address: str, backend: Backend) -> AsyncIterator[dict]:
+    """The worker's chunks; a dropped connection becomes one error chunk (and the worker is reported)."""
+    try:
+        async for data in aiter_chunks(upstream.aiter_raw()):
+            yield data
+    except httpx.HTTPError as err:
+        await backend.report_unreachable(address)
+        yield {"error_code": int(ErrorCode.SERVER_ERROR), "lost": _lost_worker(address, err).message}
+
+
 def _chunk_error(data: dict) -> ApiError:
+    if data.get("lost"):
+        return WorkerUnreachable("", data["lost"])
     code = data.get("error_code")
     status = 503 if code == ErrorCode.OVERLOADED else 400 if code == ErrorCode.BAD_REQUEST else 500
     return ApiError(status, data.get("text") or f"The worker failed (error_code {code}).")
@@ -382,32 +474,51 @@ def build_app(
         except BadJSON as err:
             raise ApiError(400, str(err)) from err
         chat = parse_chat_request(body)
-        address, details = await backend.worker_for(chat.model)
-        prompt, urls = render_prompt(chat.messages, details.get("conv_mode") or "llava_v1")
-        payload = {
-            "model": chat.model,
-            "prompt": prompt,
-            "images": await resolve_images(urls, limits),
-            "temperature": chat.temperature,
-            "top_p": chat.top_p,
-            "max_new_tokens": chat.max_tokens or int(details.get("context_length") or 2048),
-            "stop": chat.stop,
-        }
-        upstream = await backend.open_stream(address, payload)
+        images: dict[tuple, list[str]] = {}  # resolved once, even when the request goes to a second worker
+
+        async def start() -> tuple[str, str, object]:
+            address, details = await backend.worker_for(chat.model)
+            prompt, urls = render_prompt(chat.messages, details.get("conv_mode") or "llava_v1")
+            if tuple(urls) not in images:
+                images[tuple(urls)] = await resolve_images(urls, limits)
+            payload = {
+                "model": chat.model,
+                "prompt": prompt,
+                "images": images[tuple(urls)],
+                "temperature": chat.temperature,
+                "top_p": chat.top_p,
+                "max_new_tokens": chat.max_tokens or int(details.get("context_length") or 2048),
+                "stop": chat.stop,
+            }
+            return address, prompt, await backend.open_stream(address, payload)
+
+        async def answer() -> tuple[str, dict]:
+            # Nothing has reached the client yet, so a worker that cannot be reached or dies mid-answer is reported
+            # to the controller and the request is tried once more on another worker.
+            for attempt in (1, 2):
+                try:
+                    address, prompt, upstream = await start()
+                    return prompt, await _collect(upstream, address)
+                except WorkerUnreachable as err:
+                    if attempt == 2:
+                        raise
+                    await backend.report_unreachable(err.address)
+                    logger.warning("%s Retrying once on another worker.", err.message)
+            raise AssertionError("unreachable")
+
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
-            events = _sse(upstream, prompt, chat, completion_id, created)
+            try:
+                address, prompt, upstream = await start()
+            except WorkerUnreachable as err:  # not one byte was streamed: try another worker once
+                logger.warning("%s Retrying once on another worker.", err.message)
+                address, prompt, upstream = await start()
+            events = _sse(upstream, prompt, chat, completion_id, created, address, backend)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        final = None
-        try:
-            async for data in aiter_chunks(upstream.aiter_raw()):
-                if data.get("error_code"):
-                    raise _chunk_error(data)
-                final = data
-        finally:
-            await upstream.aclose()
-        if final is None:
-            raise ApiError(500, "The worker closed the stream without an answer.")
+        result = await _unless_disconnected(request, answer())
+        if result is None:  # the client left; nobody reads this reply
+            return JSONResponse(ApiError(499, "The client closed the request.").body(), status_code=499)
+        prompt, final = result
         usage = _usage(final)
         return {
             "id": completion_id,
@@ -444,9 +555,12 @@ def _usage(final: dict) -> dict:
     }
 
 
-async def _sse(upstream, prompt: str, chat: ChatRequest, completion_id: str, created: int) -> AsyncIterator[bytes]:
+async def _sse(
+    upstream, prompt: str, chat: ChatRequest, completion_id: str, created: int, address: str, backend: Backend
+) -> AsyncIterator[bytes]:
     """Server-sent events. Surrounding whitespace is held back until more text follows, so the concatenated deltas
-    equal the non-streaming answer exactly."""
+    equal the non-streaming answer exactly. A failure after the first event is sent as a `data: {"error": ...}`
+    event with no `[DONE]` after it (the official `openai` client raises `APIError` on it)."""
 
     def event(delta: dict, finish_reason=None, **extra) -> bytes:
         chunk = {
@@ -459,10 +573,10 @@ async def _sse(upstream, prompt: str, chat: ChatRequest, completion_id: str, cre
         }
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
-    sent = ""
+    sent, finished = "", False
     try:
         yield event({"role": "assistant", "content": ""})
-        async for data in aiter_chunks(upstream.aiter_raw()):
+        async for data in _guarded(upstream, address, backend):
             if data.get("error_code"):
                 yield f"data: {json.dumps(_chunk_error(data).body())}\n\n".encode()
                 return
@@ -482,6 +596,11 @@ async def _sse(upstream, prompt: str, chat: ChatRequest, completion_id: str, cre
                         "usage": _usage(data),
                     }
                     yield f"data: {json.dumps(usage)}\n\n".encode()
+                finished = True
+        if not finished:  # the stream ended without its final chunk: never pass a cut answer off as complete
+            err = WorkerUnreachable(address, f"The worker at {address} ended the answer without finishing it.")
+            yield f"data: {json.dumps(err.body())}\n\n".encode()
+            return
         yield b"data: [DONE]\n\n"
     finally:
         await upstream.aclose()

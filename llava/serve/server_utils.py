@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -64,29 +65,29 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length", b"").decode() or None
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send, message)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        # Read the whole body here, counting (a chunked body has no Content-Length), before the app sees any of it:
+        # an exception raised from inside the app's `receive` would reach the client as a 500.
+        parts, seen = [], 0
+        while True:
             event = await receive()
-            if event["type"] == "http.request":
-                seen += len(event.get("body", b""))
-                if seen > self.max_bytes:
-                    raise RequestTooLarge
-            return event
+            if event["type"] != "http.request":  # the client left before sending it all
+                return
+            parts.append(event.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.max_bytes:
+                return await self._reject(send, message)
+            if not event.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracking_send(event):
-            nonlocal started
-            if event["type"] == "http.response.start":
-                started = True
-            await send(event)
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()  # after the body: the disconnect
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except RequestTooLarge:
-            if not started:
-                await self._reject(send, message)
+        await self.app(scope, replay_receive, send)
 
     async def _reject(self, send, message: str):
         body = json.dumps(self.error_body(message)).encode()
@@ -104,15 +105,54 @@ class BadJSON(ValueError):
     pass
 
 
+MAX_JSON_DEPTH = 32  # nesting of objects/arrays in a request body; real requests need 5 or fewer
+
+
+def _not_json_constant(name: str):
+    raise BadJSON(f"The request body contains `{name}`, which is not JSON; send a finite number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"The number `{text[:40]}` in the request body is out of range (larger than a 64-bit float).")
+    return value
+
+
+def _depth(data) -> int:
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def loads_json(raw: bytes | str):
+    """Strict JSON: no NaN/Infinity, no number that overflows a float, at most MAX_JSON_DEPTH levels deep;
+    `BadJSON` with a message for the client otherwise."""
+    try:
+        data = json.loads(raw, parse_constant=_not_json_constant, parse_float=_finite_float)
+    except RecursionError as err:
+        raise BadJSON(f"The request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels).") from err
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and ints over Python's digit limit
+        if isinstance(err, BadJSON):
+            raise
+        raise BadJSON(f"The request body is not valid JSON: {err}.") from err
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BadJSON(f"The request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels).")
+    return data
+
+
 async def read_json_object(request) -> dict:
     """The request body as a JSON object; `BadJSON` (with a message for the client) otherwise."""
     raw = await request.body()
     if not raw.strip():
         raise BadJSON("The request body is empty; send a JSON object.")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadJSON(f"The request body is not valid JSON: {err}.") from err
+    data = loads_json(raw)
     if not isinstance(data, dict):
         raise BadJSON(f"The request body must be a JSON object, got {type(data).__name__}.")
     return data
