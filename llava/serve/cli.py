@@ -99,14 +99,14 @@ def main(argv=None) -> int:
         try:
             answer = stream_answer(engine, prompt, images, params)
         except (PromptTooLongError, RequestError) as err:
+            # a rejected turn leaves the conversation as it was: the images still go with the next message
             print(f"\n[error: {err}]", flush=True)
             conv.messages = conv.messages[:-2]
             continue
-            # a rejected turn leaves the conversation as it was: the images still go with the next message
+        pending_images = False
         print(flush=True)
         conv.messages[-1][1] = answer
         if args.debug:
-        pending_images = False
             print("\n" + repr({"prompt": prompt, "outputs": answer}) + "\n", flush=True)
 
 

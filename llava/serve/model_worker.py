@@ -56,8 +56,8 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 logger = logging.getLogger("llava.serve.model_worker")
 
 MAX_PROMPT_CHARS = 1_000_000
-
 MAX_NEW_TOKENS_LIMIT = 1024  # the original worker's cap on `max_new_tokens`
+
 
 class ModelWorker:
     """One loaded model behind a batch scheduler, plus its registration with the controller."""
@@ -75,8 +75,8 @@ class ModelWorker:
         batching: bool = True,
         image_limits: ImageLimits | None = None,
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
-        cluster_key: str | None = None,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+        cluster_key: str | None = None,
     ):
         self.engine = engine
         self.model_name = model_name
@@ -86,8 +86,8 @@ class ModelWorker:
         self.max_images = self.image_limits.max_images
         self.cluster_key = cluster_key  # required from callers (see build_app) and sent to the controller
         self.heart_beat_interval = heart_beat_interval
-        if batching:
         self.max_new_tokens_limit = max_new_tokens_limit
+        if batching:
             self.scheduler = BatchScheduler(
                 engine, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
             )
@@ -236,9 +236,9 @@ def _number(body: dict, name: str, default, kind):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ServeError(f"`{name}` must be a number, got {_short(value)}.")
-    if kind is int:
     if isinstance(value, float) and not math.isfinite(value):
         raise ServeError(f"`{name}` must be a finite number, got {_short(value)}.")
+    if kind is int:
         if value != int(value):
             raise ServeError(f"`{name}` must be a whole number, got {_short(value)}.")
         return int(value)
@@ -380,13 +380,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--multi-modal", action="store_true", help="Accepted for compatibility; not needed.")
     parser.add_argument("--limit-model-concurrency", type=int, default=5, help="Requests decoded at once (batch).")
     parser.add_argument("--max-queue-size", type=int, default=256, help="Waiting requests beyond this get 503.")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long a new batch waits for company.")
     parser.add_argument(
         "--max-new-tokens-limit",
         type=int,
         default=MAX_NEW_TOKENS_LIMIT,
         help="Larger `max_new_tokens` requests are cut to this (the original worker's 1024).",
     )
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long a new batch waits for company.")
     parser.add_argument(
         "--batching",
         choices=["on", "off"],
@@ -450,10 +450,10 @@ def main(argv=None) -> None:
         None if args.no_register else args.controller_address or "http://localhost:21001",
         max_batch_size=args.limit_model_concurrency,
         max_queue=args.max_queue_size,
+        max_new_tokens_limit=args.max_new_tokens_limit,
         batch_wait_s=args.batch_wait_ms / 1000,
         batching=args.batching == "on",
         image_limits=limits,
-        max_new_tokens_limit=args.max_new_tokens_limit,
         heart_beat_interval=args.heart_beat_interval,
         cluster_key=key,
     )
