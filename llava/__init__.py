@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+# The thread policy's OpenMP wait setting must be in the environment before torch loads its OpenMP runtime.
+from llava import runtime as _runtime  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE unless already set)
+
+__version__ = "1.3.0"
 
 # Names the original LLaVA exported from `llava` (its `from .model import LlavaLlamaForCausalLM`) and the other model
 # classes of `llava.model`. Resolved on first access, so `import llava` stays light (no torch, no transformers).

@@ -17,6 +17,10 @@ import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Every wait below is the time a step takes on a busy machine times this factor (the machine may be shared: a limit
+# must be at least 5x the expected time). Waits that poll also fail early when a server process has died.
+SLACK = 5
+
 SERVE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
@@ -64,21 +68,23 @@ class Proc:
         """SIGKILL: the process dies without saying goodbye (as a crashed worker would)."""
         if self.alive():
             self.popen.send_signal(signal.SIGKILL)
-            self.popen.wait(10)
+            self.popen.wait(10 * SLACK)
 
     def stop(self) -> None:
         if self.alive():
             self.popen.terminate()
             try:
-                self.popen.wait(10)
+                self.popen.wait(10 * SLACK)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
-                self.popen.wait(10)
+                self.popen.wait(10 * SLACK)
         self._log.close()
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, procs: list[Proc] = (), interval=0.2):
-    """Poll `check` until it returns something truthy; fail with the servers' logs after `timeout` seconds."""
+    """Poll `check` until it returns something truthy; fail with the servers' logs after `SLACK * timeout` seconds
+    (at once if one of `procs` exits)."""
+    timeout = SLACK * timeout
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
@@ -99,7 +105,7 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, procs: li
 
 
 def http_ok(url: str, method: str = "GET") -> bool:
-    return requests.request(method, url, timeout=2).status_code == 200
+    return requests.request(method, url, timeout=2 * SLACK).status_code == 200
 
 
 def png_b64(size=(40, 30), color=(10, 100, 200)) -> str:
@@ -115,14 +121,14 @@ def generate(url: str, payload: dict | str | bytes, timeout: float = 120) -> tup
     from llava.serve.protocol import iter_chunks
 
     kwargs = {"data": payload} if isinstance(payload, (str, bytes)) else {"json": payload}
-    response = requests.post(url, stream=True, timeout=(10, timeout), **kwargs)
+    response = requests.post(url, stream=True, timeout=(10 * SLACK, SLACK * timeout), **kwargs)
     with response:
         chunks = list(iter_chunks(response.iter_content(chunk_size=None)))
     return response.status_code, chunks
 
 
 def controller_post(controller: str, path: str, body: dict | None = None) -> dict:
-    response = requests.post(controller + path, json=body or {}, timeout=10)
+    response = requests.post(controller + path, json=body or {}, timeout=10 * SLACK)
     response.raise_for_status()
     return response.json()
 

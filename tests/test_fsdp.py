@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from test_mpt import build_tiny_mpt
-from train_helpers import free_port, logits_of, make_dataset, tiny_flags
+from train_helpers import free_port, logits_of, make_dataset, run_watched, tiny_flags
 
 from llava.model import DECODERS
 from llava.model.builder import detect_checkpoint_kind, load_pretrained_model
@@ -73,7 +73,7 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            f"--master_port={free_port()}", *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_watched(cmd, idle_timeout=600, cwd=REPO, env=env)  # judged on progress, not on a total time
 
 
 @pytest.mark.slow

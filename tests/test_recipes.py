@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from test_mpt import build_tiny_mpt
 from test_scripts_parse import REPO, program_of, script_commands
-from train_helpers import draw, free_port, image_batch, make_dataset
+from train_helpers import draw, free_port, image_batch, make_dataset, run_watched
 from transformers import TrainerCallback
 
 from llava.conversation import get_conv_template
@@ -192,8 +192,8 @@ def test_v0_eval_scripts_pass_the_checkpoint_as_model_name(tiny, tmp_path):
 
 def run_script(name: str, env: dict, *args: str) -> str:
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    result = subprocess.run(["bash", f"scripts/{name}", *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, **ENV, "PATH": path, **env}, timeout=900)  # fmt: skip
+    result = run_watched(["bash", f"scripts/{name}", *args], cwd=REPO, idle_timeout=900,
+                         env={**os.environ, **ENV, "PATH": path, **env})  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log

@@ -270,7 +270,7 @@ def test_scheduler_mixed_settings_cancel_and_queue_limit(llama_engine):
             assert job.emit.done.wait(60)
             assert job.emit.events[-1]["error_code"] == 0
         assert jobs[0].emit.events[-1]["text"] == jobs[2].emit.events[-1]["text"]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a few seconds when idle; the machine may be busy
         while scheduler.queue_length and time.monotonic() < deadline:
             time.sleep(0.02)
         assert scheduler.queue_length == 0 and not long.done.is_set()

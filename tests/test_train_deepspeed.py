@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import free_port, logits_of, make_dataset, original_release, tiny_flags
+from train_helpers import free_port, logits_of, make_dataset, original_release, run_watched, tiny_flags
 
 from llava.model.builder import detect_checkpoint_kind, load_pretrained_model
 from llava.train.data import load_records
@@ -34,7 +34,7 @@ def torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess
         TOKENIZERS_PARALLELISM="false",
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_watched(cmd, idle_timeout=timeout, cwd=REPO, env=env)  # judged on progress: silent for `timeout` s
 
 
 @pytest.mark.slow

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -115,6 +119,38 @@ def byte_bpe_tokenizer(out_dir: str, specials: tuple[str, ...] = ()):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tok.save_pretrained(out_dir)
     return tok
+
+
+def run_watched(cmd: list[str], *, idle_timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` judged on progress, not on its total time: it is stopped
+    (its whole process group: torchrun and its ranks) only when it prints nothing for `idle_timeout` seconds, so a
+    run on a busy machine may take as long as it needs while it keeps logging (training steps, build messages)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    last = [time.monotonic()]
+
+    def pump(stream, name):
+        for line in stream:
+            out[name].append(line)
+            last[0] = time.monotonic()
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, "stdout"), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    while proc.poll() is None:
+        if time.monotonic() - last[0] > idle_timeout:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started (start_new_session), nothing else
+            proc.wait()
+            raise subprocess.TimeoutExpired(
+                cmd, idle_timeout, output="".join(out["stdout"])[-5000:], stderr="".join(out["stderr"])[-5000:]
+            )
+        time.sleep(0.5)
+    for reader in readers:
+        reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out["stdout"]), "".join(out["stderr"]))
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import sys
 from llava.conversation import get_conv_template
 from llava.inference import GenerationParams, LlavaEngine, PromptTooLongError, RequestError
 from llava.mm_utils import ImageLoadError, load_image
+from llava.runtime import add_threads_argument, configure_threads
 
 
 def display_role(role: str, fallback: str) -> str:
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--use-flash-attn", action="store_true")
     parser.add_argument("--debug", action="store_true", help="Print the prompt and raw output after each answer.")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     if args.load_8bit and args.load_4bit:
         parser.error("Choose one of --load-8bit and --load-4bit.")
@@ -63,6 +65,7 @@ def stream_answer(engine: LlavaEngine, prompt: str, images, params: GenerationPa
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_threads(args.threads)
     try:
         images = [load_image(source) for source in args.image_file]
     except ImageLoadError as err:

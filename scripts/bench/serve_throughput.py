@@ -7,8 +7,11 @@ workers with N concurrent clients over HTTP, alternating the two workers round b
   baseline  `--batching off --limit-model-concurrency 1 --image-cache-mb 0 --prefix-cache-mb 0`: the original LLaVA
             worker, one HF `generate` per request, one request at a time
 
-Every request is greedy, so both workers must return identical text; the script checks it and exits with status 1
-if any reply differs. It also compares single-stream decoding in-process: `BatchDecoder` (the worker's path) against
+Every request is greedy, so both workers should return the same text. Batching changes the decoder's matrix shapes,
+and on some CPUs and GPUs the rounding follows (logits agree within `llava.inference.GREEDY_TIE_TOLERANCE`), so a
+reply may depart from the one-at-a-time reply where the top two logits of a step are that close. The script replays
+each differing reply alone and measures that gap: near ties are reported as such, any other difference fails the
+run (exit status 1). It also compares single-stream decoding in-process: `BatchDecoder` (the worker's path) against
 a plain HF `generate` call on the same model, alternating, with the same check.
 
     python scripts/bench/serve_throughput.py                                  # CPU: `medium` model, 1 and 16 clients
@@ -305,10 +308,37 @@ def single_stream(engine, rounds: int, max_new_tokens: int, seed: int) -> dict:
         "hf_generate_tokens_per_s": hf_rate,
         "batch_decoder_tokens_per_s": our_rate,
         "ratio": our_rate / hf_rate,
+        # One request alone on both paths: the same shapes up to the KV cache's layout, so no tolerance is needed.
         "identical": texts["hf_generate"] == texts["batch_decoder"],
         "rounds": rates,
         "tokens": max_new_tokens,
     }
+
+
+def split_near_ties(args, ckpt: str, conv_mode: str, mismatches: list) -> tuple[list, list]:
+    """Replay each differing request alone; return (near ties, real differences). A near tie departs from the
+    one-at-a-time reply where its top two logits are within `GREEDY_TIE_TOLERANCE`."""
+    if not mismatches:
+        return [], []
+    from PIL import Image
+
+    from llava.inference import GREEDY_TIE_TOLERANCE, GenerationParams, LlavaEngine, greedy_divergence
+
+    engine = LlavaEngine.from_pretrained(ckpt, device=args.device)
+    ties, real = [], []
+    for api, conc, mode, rid, reference, text in mismatches:
+        n = max(conc * args.requests_per_client, args.min_requests)
+        request = make_workload(
+            n, args.max_new_tokens, args.distinct_images, args.text_only, args.seed, args.min_new_fraction
+        )[rid]
+        images = [Image.open(io.BytesIO(base64.b64decode(request.image))).convert("RGB")] if request.image else []
+        params = GenerationParams(temperature=0, max_new_tokens=request.max_new_tokens)
+        prompt = worker_prompt(conv_mode, request)
+        ours = text if mode == "ours" else reference
+        _, margin = greedy_divergence(engine, prompt, images, params, ours)
+        row = (api, conc, rid, reference[:60], text[:60], margin)
+        (ties if margin is not None and margin <= GREEDY_TIE_TOLERANCE else real).append(row)
+    return ties, real
 
 
 def _sync(engine) -> None:
@@ -324,7 +354,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="medium", help=f"Model built at run time: {', '.join(bc.PRESETS)}.")
     p.add_argument("--model-path", default=None, help="Benchmark this checkpoint instead of a preset.")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=1, help="Intra-op threads per process on CPU (0: torch default).")
+    p.add_argument(
+        "--threads", type=int, default=1, help="Intra-op threads per process on CPU (0: llava.runtime's policy)."
+    )
     p.add_argument("--concurrency", default="1,16", help="Comma-separated numbers of concurrent clients.")
     p.add_argument("--requests-per-client", type=int, default=1)
     p.add_argument("--min-requests", type=int, default=2, help="At least this many requests per measured run.")
@@ -400,10 +432,10 @@ def wait_registered(urls: dict, timeout: float = 60.0) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import requests
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from llava.runtime import configure_threads
+
+    configure_threads(args.threads or None)
     work = args.work_dir or tempfile.mkdtemp(prefix="llava-bench-serve-")
     os.makedirs(work, exist_ok=True)
     ckpt = args.model_path or bc.build_checkpoint(os.path.join(work, args.preset), bc.preset(args.preset))
@@ -484,8 +516,9 @@ def main(argv=None) -> int:
             for s in group:
                 for rid, text in s.texts.items():
                     if rid in reference and reference[rid] != text:
-                        mismatches.append((api, conc, s.mode, rid, reference[rid][:60], text[:60]))
+                        mismatches.append((api, conc, s.mode, rid, reference[rid], text))
     errors = sum(s.errors for s in runs)
+    near_ties, mismatches = split_near_ties(args, ckpt, conv_mode, mismatches)
 
     print("\n## Serving throughput (medians over rounds)\n")
     rows, summary = [], []
@@ -530,14 +563,20 @@ def main(argv=None) -> int:
         f"hits {cache.get('hits')} / misses {cache.get('misses')}; prefix cache hits {prefix.get('hits')} / misses "
         f"{prefix.get('misses')}"
     )
-    print(f"identical greedy outputs (ours vs baseline, every request): {not mismatches} ({len(mismatches)} differ)")
+    print(
+        f"identical greedy outputs (ours vs baseline, every request): {not mismatches and not near_ties} "
+        f"({len(mismatches)} differ, {len(near_ties)} more at near ties of the top two logits)"
+    )
     print(f"failed requests: {errors}")
+    for m in near_ties[:5]:
+        print("  near tie:", m)
     for m in mismatches[:5]:
         print("  differs:", m)
     report.update(
         summary=summary,
         runs=[{k: v for k, v in asdict(s).items() if k != "texts"} for s in runs],
         mismatches=len(mismatches),
+        near_ties=len(near_ties),
         errors=errors,
         health=health,
     )

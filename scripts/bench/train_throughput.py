@@ -565,11 +565,10 @@ def child(mode: str, spec: dict) -> int:
     """Run one measurement in this process and print it as the last line (`RESULT {...}`)."""
     import logging
 
-    import torch
+    from llava.runtime import configure_threads
 
     logging.disable(logging.WARNING)
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
+    configure_threads(spec["threads"] or None)
     result = RUNNERS[mode](spec)
     print("RESULT " + json.dumps(result if isinstance(result, dict) else asdict(result)), flush=True)
     return 0
@@ -593,7 +592,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help=f"Model sizes: {', '.join(bc.PRESETS)}.")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="Intra-op threads per run on CPU (0: torch default).")
+    p.add_argument(
+        "--threads", type=int, default=1, help="Intra-op threads per run on CPU (0: llava.runtime's policy)."
+    )
     p.add_argument(
         "--train-images",
         type=int,
