@@ -28,6 +28,7 @@ from llava.constants import (
 )
 from llava.inference import EncodedRequest, GenerationParams, LlavaEngine, RequestError
 from llava.mm_utils import ImageLimits, ImageLoadError, get_model_name_from_path, load_images
+from llava.runtime import add_threads_argument, configure_threads
 from llava.serve.batching import BatchScheduler, Job, QueueFull, SerialScheduler
 from llava.serve.client import cluster_headers, cluster_key_from, post_json
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
@@ -409,6 +410,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
     add_image_limit_args(parser)
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL)
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     if args.load_8bit and args.load_4bit:
         parser.error("Choose one of --load-8bit and --load-4bit.")
@@ -423,6 +425,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging("llava.serve.model_worker")
+    configure_threads(args.threads)
     worker_addr = args.worker_address or local_url(args.host, args.port)
     key = cluster_key_from(args.cluster_key)
     warn_if_exposed(logger, "model worker", args.host, key)

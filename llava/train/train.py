@@ -34,6 +34,7 @@ from llava.conversation import conv_templates
 from llava.model.builder import QUANT_SKIP_MODULES
 from llava.model.language_model import DECODERS, decoder_for_config
 from llava.model.llava_arch import start_end_token_ids
+from llava.runtime import configure_threads
 from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.data import (
     DataCollatorForSupervisedDataset,
@@ -477,6 +478,7 @@ def train(
     `attn_implementation` defaults to PyTorch SDPA; `attn_reason` says in the log why it was chosen.
     """
     model_args, data_args, training_args = parse_args(argv)
+    configure_threads()  # intra-op threads by llava.runtime's policy (LLAVA_THREADS / OMP_NUM_THREADS override)
     _setup_logging(training_args)
     stop_with_launcher()
     for note in training_args.hardware_notes:
