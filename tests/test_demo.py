@@ -258,20 +258,27 @@ def test_warmup_tower_learns_and_rejects_unknown_values(tmp_path, small_dataset)
 
 
 def test_warmup_tower_patch_targets_say_what_is_where(tmp_path, small_dataset):
-    """With the scenes' cells, each patch is also classified on its own (which cell it shows / empty, its colour /
-    empty): the position information a mean over the patches throws away."""
+    """With the scenes' cells, each patch is also classified on its own (which cell it shows / empty, the colour,
+    shape and size of the object in it / empty): the position information a mean over the patches throws away."""
     from llava.demo import warmup
 
     sizes = backbones.TinySizes(vision_hidden_size=32, vision_layers=2, image_size=48, patch_size=16)
     clip_dir = str(tmp_path / "clip")
     tower = backbones.build_vision_tower(clip_dir, sizes=sizes, position_std=1.0)
     options = {k: list(v) for k, v in data.CATEGORIES.items()}
-    items = [("a.png", {"color": "blue"}), ("b.png", {"color": "red"})]
-    where, color = warmup._patch_targets(items, [(5,), (0, 8)], options, tower.config, grid=3)
+    items = [
+        ("a.png", {"color": "blue", "shape": "circle", "size": "small"}),
+        ("b.png", {"color": "red", "shape": "square", "size": "big"}),
+    ]
+    targets = warmup._patch_targets(items, [(5,), (0, 8)], options, tower.config, grid=3)
+    assert list(targets) == ["cell", "color", "shape", "size"]
     empty = 9
-    assert where.tolist() == [[empty] * 5 + [5] + [empty] * 3, [0] + [empty] * 7 + [8]]
+    assert targets["cell"].tolist() == [[empty] * 5 + [5] + [empty] * 3, [0] + [empty] * 7 + [8]]
     blue, red, none = options["color"].index("blue"), options["color"].index("red"), len(options["color"])
-    assert color.tolist() == [[none] * 5 + [blue] + [none] * 3, [red] + [none] * 7 + [red]]
+    assert targets["color"].tolist() == [[none] * 5 + [blue] + [none] * 3, [red] + [none] * 7 + [red]]
+    square, big, none = options["shape"].index("square"), options["size"].index("big"), len(options["shape"])
+    assert targets["shape"][1].tolist() == [square] + [none] * 7 + [square]
+    assert targets["size"][1, 8] == big and targets["size"][1, 4] == len(options["size"])
     with pytest.raises(ValueError, match="outside the 3x3 grid"):
         warmup._patch_targets(items, [(9,), (0,)], options, tower.config, grid=3)
     with pytest.raises(ValueError, match="one list of cells per item"):

@@ -29,6 +29,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+# What each patch is also asked about, besides its cell: the attributes of the object in it.
+PATCH_ATTRIBUTES = ("color", "shape", "size")
+
 
 def _lr_at(step: int, steps: int, peak: float, warmup_ratio: float = 0.05) -> float:
     """Linear warm-up then cosine decay to zero (the schedule the LLaVA scripts use)."""
@@ -90,9 +93,9 @@ def pretrain_vision_tower(
 
     An average over the patches keeps what is in the image but not where. With `cells` (per item, the occupied
     cells of the scene's `grid` x `grid` layout, row-major) each patch feature is also classified on its own, by
-    two shared linear heads: which cell it shows if an object is there, else "empty" (so an object's patch feature
-    says where it is), and the object's colour there, else "empty". The cell of a patch is the one holding its
-    centre.
+    linear heads shared by all patches: which cell it shows if an object is there, else "empty" (so an object's
+    patch feature says where it is), and the object's colour, shape and size there, else "empty" (so it also says
+    what is there). The cell of a patch is the one holding its centre.
     """
     from PIL import Image
     from tqdm import tqdm
@@ -123,9 +126,9 @@ def pretrain_vision_tower(
     pixels = torch.cat(pixels)
     patch_heads = torch.nn.ModuleList()
     if cells is not None:
-        where, color = _patch_targets(items, cells, options, model.config, grid)
-        patch_heads.append(torch.nn.Linear(model.config.hidden_size, grid * grid + 1))
-        patch_heads.append(torch.nn.Linear(model.config.hidden_size, len(options["color"]) + 1))
+        patch_targets = _patch_targets(items, cells, options, model.config, grid)
+        for target in patch_targets.values():
+            patch_heads.append(torch.nn.Linear(model.config.hidden_size, int(target.max()) + 1))
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.tensor(rng.sample(range(len(items)), min(batch_size, len(items))))
@@ -133,7 +136,7 @@ def pretrain_vision_tower(
         patches = hidden_states[select_layer][:, 1:]  # (B, P, C), CLS dropped as LLaVA drops it
         pooled = patches.mean(1)
         losses = [F.cross_entropy(head(pooled), targets[idx, j]) for j, head in enumerate(heads)]
-        for head, target in zip(patch_heads, (where, color) if cells is not None else ()):
+        for head, target in zip(patch_heads, patch_targets.values() if cells is not None else ()):
             losses.append(F.cross_entropy(head(patches).flatten(0, 1), target[idx].flatten()))
         return torch.stack([x for x in losses if not x.isnan()]).mean()
 
@@ -150,32 +153,36 @@ def _patch_targets(
     options: dict[str, Sequence[str]],
     config,
     grid: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch targets (N, patches) of `pretrain_vision_tower`: the patch's cell index (0 .. grid*grid-1) where an
-    object is in it, else grid*grid; the object's colour index there, else the number of colours."""
+) -> dict[str, torch.Tensor]:
+    """Per-patch targets (N, patches) of `pretrain_vision_tower`: "cell", the patch's cell index (0 .. grid*grid-1)
+    where an object is in it, else grid*grid ("empty"); and for each of `PATCH_ATTRIBUTES`, the index of the
+    object's option there, else the number of options ("empty")."""
     if len(cells) != len(items):
         raise ValueError(f"`cells` has {len(cells)} entries for {len(items)} items; give one list of cells per item.")
-    if "color" not in options:
-        raise ValueError("Per-patch targets need a `color` attribute among the `options`.")
+    missing = [a for a in PATCH_ATTRIBUTES if a not in options]
+    if missing:
+        raise ValueError(f"Per-patch targets need the attributes {missing} among the `options`.")
     side = config.image_size // config.patch_size
     # the cell (row-major, `grid` x `grid`) that holds each patch's centre
     patch_cell = [
         int((r + 0.5) * grid / side) * grid + int((c + 0.5) * grid / side) for r in range(side) for c in range(side)
     ]
-    empty_color = len(options["color"])
-    where = torch.full((len(items), side * side), grid * grid, dtype=torch.long)
-    color = torch.full((len(items), side * side), empty_color, dtype=torch.long)
+    targets = {"cell": torch.full((len(items), side * side), grid * grid, dtype=torch.long)}
+    for a in PATCH_ATTRIBUTES:
+        targets[a] = torch.full((len(items), side * side), len(options[a]), dtype=torch.long)
     for i, ((path, truth), occupied) in enumerate(zip(items, cells)):
         bad = [c for c in occupied if not 0 <= c < grid * grid]
         if bad:
             raise ValueError(f"Cells {bad} of `{path}` are outside the {grid}x{grid} grid (0 .. {grid * grid - 1}).")
-        if "color" not in truth:
-            raise ValueError(f"`{path}` has cells but no `color`; per-patch targets need the objects' colour.")
+        missing = [a for a in PATCH_ATTRIBUTES if a not in truth]
+        if missing:
+            raise ValueError(f"`{path}` has cells but no {missing}; per-patch targets need them.")
         for p, cell in enumerate(patch_cell):
             if cell in occupied:
-                where[i, p] = cell
-                color[i, p] = list(options["color"]).index(truth["color"])
-    return where, color
+                targets["cell"][i, p] = cell
+                for a in PATCH_ATTRIBUTES:
+                    targets[a][i, p] = list(options[a]).index(truth[a])
+    return targets
 
 
 def pretrain_decoder(
