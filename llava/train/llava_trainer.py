@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -462,10 +461,11 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
         ) from err
 
 
-class SkippedRecords(TrainerCallback, ExportableState):
+class SkippedRecords(TrainerCallback):
     """The dataset records left out of training (`--skip_bad_records True`): those found bad before step 1 and those
-    whose images failed to load during training. Saved in trainer_state.json (`stateful_callbacks`) with each
-    checkpoint and restored on resume, so the count covers the whole run."""
+    whose images failed to load during training. LLaVATrainer writes `state()` into trainer_state.json
+    (`stateful_callbacks.SkippedRecords`) with each checkpoint; a resumed run reads it back, so the count covers the
+    whole run. (Not an `ExportableState`: transformers would rebuild it from the saved attributes and replace it.)"""
 
     def __init__(self, before_training: Sequence[int] = ()):
         self.before_training = sorted(set(before_training))
@@ -678,6 +678,7 @@ class LLaVATrainer(Trainer):
         staging = os.path.join(run_dir, STAGING_PREFIX + name)
         previous = resumable_checkpoint(run_dir, self.checkpoint_format) if self.args.should_save else None
         self.skipped_records.gather()
+        self.state.stateful_callbacks[type(self.skipped_records).__name__] = self.skipped_records.state()
         self._staging_dir = staging
         try:
             cleanup = staging if self.args.should_save else None

@@ -339,6 +339,8 @@ def last_checkpoint(output_dir: str, checkpoint_format: str | None = None, optim
 
 
 def _resume_target(training_args: TrainingArguments, checkpoint_format: str | None = None) -> str | None:
+    if training_args.should_save:
+        remove_unfinished_saves(training_args.output_dir)  # an interrupted save's staging folders
     given = (training_args.resume_from_checkpoint or "").strip()
     if given.lower() in ("false", "no", "none"):
         return None
@@ -346,8 +348,6 @@ def _resume_target(training_args: TrainingArguments, checkpoint_format: str | No
         return given
     if training_args.overwrite_output_dir:
         return None
-    if training_args.should_save:
-        remove_unfinished_saves(training_args.output_dir)
     return last_checkpoint(training_args.output_dir, checkpoint_format, not training_args.save_only_model)
 
 
@@ -375,6 +375,8 @@ def stop_with_launcher() -> None:
         return
     parent = os.getppid()
     if sys.platform.startswith("linux"):
+        # The signal comes when the thread that started this process exits: torchrun and the deepspeed launcher
+        # start their ranks from their main thread, so that is when the launcher dies.
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); polling the launcher only.", ctypes.get_errno())
