@@ -164,6 +164,17 @@ class WebServer:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+class UploadedImage(gr.Image):
+    """An image input that hands over the uploaded file's path without opening it: gradio's own preprocessing would
+    open it with PIL and show PIL's raw error (with the temporary path) for a bomb or a non-image; `add_text`
+    checks it against the server's limits instead."""
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return super().preprocess(payload)
+
+
 class UserFacingError(Exception):
     """A failure whose message is shown in the chat."""
 
@@ -332,7 +343,7 @@ def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | Non
                     elem_id="model_selector",
                 )
                 # a file path, not a PIL image: gradio must not decode an upload before our limits see its header
-                imagebox = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
+                imagebox = UploadedImage(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
                 image_process_mode = gr.Radio(
                     list(IMAGE_PROCESS_MODES),
                     value="Default",
