@@ -275,7 +275,9 @@ def _open_image(data: bytes, source: str, remote: bool = False) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"Image {_describe(source)} has too many pixels: {exc}") from exc
+        raise ImageLoadError(
+            f"Image {_describe(source)} has too many pixels: {exc} (servers: --max-image-pixels)."
+        ) from exc
     except (UnidentifiedImageError, OSError) as exc:
         if remote:  # never echo what a URL answered
             raise _fetch_failed(source) from exc
@@ -438,7 +440,9 @@ def _source_image(
         try:
             return Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise ImageLoadError(f"Image {_describe(text)} has too many pixels: {exc}") from exc
+            raise ImageLoadError(
+                f"Image {_describe(text)} has too many pixels: {exc} (servers: --max-image-pixels)."
+            ) from exc
         except (UnidentifiedImageError, OSError) as exc:
             raise ImageLoadError(f"Image file {_describe(text)} is not an image PIL can read: {exc}") from exc
     # Anything long made only of base64 characters is treated as base64; short strings are most likely paths.

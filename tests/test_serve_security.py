@@ -365,7 +365,28 @@ def test_web_ui_refuses_image_bombs_with_a_plain_message(secure, tmp_path):
         text = " ".join(str(m.get("content")) for m in chat_shown)
         assert "⚠️" in text and flag in text, text
         assert str(tmp_path) not in text and "/tmp" not in text and "gradio" not in text.lower()
+    # a header claiming 30000x30000 (beyond PIL's own bomb limit) and a file that is no image at all
+    claimed = tmp_path / "claims-huge.png"
+    claimed.write_bytes(png_claiming((30000, 30000)))
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"just some text, not an image " * 4)
+    for path, expected in ((claimed, "--max-image-pixels"), (notes, "not an image")):
+        shown = client.predict("What is it?", handle_file(str(path)), "Default", api_name="/add_text")[0]
+        text = " ".join(str(m.get("content")) for m in shown)
+        assert "⚠️" in text and expected in text and str(tmp_path) not in text, text
     assert rss_kb(secure.web_proc.pid) - before < RSS_BOUND_KB
+
+
+def png_claiming(size: tuple[int, int]) -> bytes:
+    """A small PNG whose header claims `size` (its pixel data is the 8x8 original's)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes((8, 8)))
+    ihdr = struct.pack(">II", *size) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
 
 
 def test_upload_endpoint_is_bounded_in_size_and_lifetime(secure):
