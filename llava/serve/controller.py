@@ -1,6 +1,10 @@
 """The controller: keeps the list of live model workers (registration + heartbeats) and picks one per request.
 
-    python -m llava.serve.controller --host 0.0.0.0 --port 10000 [--dispatch-method shortest_queue|lottery]
+    LLAVA_CLUSTER_KEY=<secret> python -m llava.serve.controller --host 0.0.0.0 --port 10000 \
+        [--dispatch-method shortest_queue|lottery]
+
+With a cluster key (--cluster-key or LLAVA_CLUSTER_KEY) every endpoint answers 401 without the header
+X-LLaVA-Cluster-Key, and the controller sends it to workers; without one it should listen on loopback only.
 
 Endpoints (POST, JSON): /register_worker, /receive_heart_beat, /refresh_all_workers, /list_models,
 /get_worker_address, /worker_get_status, and /worker_generate_stream, which forwards a generation request to a

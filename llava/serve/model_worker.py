@@ -7,6 +7,9 @@
 
 Endpoints: POST /worker_generate_stream (JSON + NUL chunks, see llava/serve/protocol.py), /worker_get_status,
 /model_details, /worker_get_conv_template; GET /health. Concurrent requests are decoded together (see batching.py).
+With a cluster key (--cluster-key or LLAVA_CLUSTER_KEY, shared with the controller) every endpoint answers 401
+without the header X-LLaVA-Cluster-Key. Images are checked against the limits of --max-image-* and
+--max-request-pixels before decoding; http(s) image URLs only with --allow-image-urls (see docs/Serving.md).
 """
 
 from __future__ import annotations
