@@ -336,6 +336,9 @@ def test_pipeline_config_overrides_and_checks():
     assert (
         args.no_serve and config.stage2_epochs == 3.0 and config.train_images == pipeline.PRESETS["quick"].train_images
     )
+    assert pipeline.parse_args(["--threads", "1"])[0].threads == 1
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(["--threads", "0"])
     default = pipeline.PRESETS["default"]
     ok = {"trained": 0.95, "blank": 0.30, "chance_level": 0.27}
     assert pipeline.check(ok, default) == []

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llava.demo.backbones import TinySizes
+from llava.runtime import add_threads_argument, configure_threads
 
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -547,16 +548,6 @@ class Servers:
 # ------------------------------------------------------------------------------------------------------------- main
 
 
-def configure_threads(threads: int) -> None:
-    """Use `threads` intra-op threads here and in every subprocess the demo starts (they inherit the environment)."""
-    import torch
-
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    torch.set_num_threads(threads)
-    log(f"{threads} intra-op thread(s)")
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -585,13 +576,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860, help="web UI port (another free one if taken)")
     parser.add_argument("--serve-only", action="store_true", help="serve an already trained demo model")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op CPU threads for every step (sets OMP_NUM_THREADS/MKL_NUM_THREADS for the subprocesses);\n"
-        "default: torch's and the environment's choice",
-    )
+    add_threads_argument(parser)  # every step: this process and, through OMP_NUM_THREADS, the subprocesses
     for f in dataclasses.fields(DemoConfig):
         if f.name == "sizes":
             continue
@@ -610,8 +595,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
-    if args.threads is not None:
-        configure_threads(args.threads)
+    threads = configure_threads(args.threads)  # exported as OMP_NUM_THREADS: the training subprocesses use it too
+    log(f"{threads} intra-op thread(s) per step (llava.runtime's policy; --threads overrides)")
     run = Run(config, Paths(args.data_dir, args.output_dir))
     start = time.time()
     if not args.serve_only:
