@@ -240,3 +240,89 @@ def test_not_a_checkpoint(tiny):
     d = tiny.new_dir("empty")
     with pytest.raises(CheckpointError, match="no config.json"):
         load(d)
+
+
+def test_no_device_given_uses_the_best_available_and_logs_it(trained, caplog):
+    """Issue 12, item 24: callers that never pass `device` (the original's default was "cuda") still load here."""
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    with caplog.at_level(logging.INFO, logger="llava.model.builder"):
+        _, model, _, _ = load_pretrained_model(trained[1], None, None)
+    assert model.device.type == expected
+    assert f"no device given; using `{expected}`" in caplog.text
+
+
+def test_original_style_lora_unmerged_does_not_wrap_the_tower(tiny):
+    """Issue 12, item 4: the original applies LoRA with short target names (`q_proj`, ...) before the vision tower
+    exists; loading it unmerged here must wrap only the decoder's layers, not CLIP's q/k/v."""
+    from conftest import vision_args
+    from peft import LoraConfig, get_peft_model
+
+    from llava.model import DECODERS
+
+    model = DECODERS["llama"].causal_lm_cls.from_pretrained(tiny.decoder_dirs["llama"])
+    short = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=short, lora_dropout=0.0))
+    torch.manual_seed(8)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.get_model().initialize_vision_modules(vision_args(tiny.clip_dir))
+    model.config.image_aspect_ratio = "square"
+    model.config.mm_use_im_start_end = model.config.mm_use_im_patch_token = False
+    model.eval()
+    d = tiny.new_dir("lora-short-names")
+    peft_model.save_pretrained(d)
+    torch.save(
+        {k: v for k, v in peft_model.state_dict().items() if "mm_projector" in k},
+        os.path.join(d, "non_lora_trainables.bin"),
+    )
+    model.config.save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    expected = logits_of(peft_model, tiny.tokenizer)
+
+    tok, unmerged, _, _ = load(d, tiny.decoder_dirs["llama"], merge_lora=False)
+    wrapped = [n for n, _ in unmerged.named_modules() if n.endswith(".base_layer")]
+    assert wrapped and not [n for n in wrapped if "vision_tower" in n], wrapped
+    torch.testing.assert_close(logits_of(unmerged, tok), expected, atol=1e-5, rtol=1e-5)
+    tok, merged, _, _ = load(d, tiny.decoder_dirs["llama"])
+    torch.testing.assert_close(logits_of(merged, tok), expected, atol=1e-5, rtol=1e-5)
+
+
+def _with_scaled_tower(tiny, path: str, name: str, **config_updates) -> str:
+    """A copy of the full checkpoint `path` whose stored tower weights differ from the tower directory's."""
+    from safetensors.torch import load_file, save_file
+
+    d = tiny.new_dir(name)
+    shutil.copytree(path, d, dirs_exist_ok=True)
+    f = os.path.join(d, "model.safetensors")
+    state = {k: (v * 1.5 if ".vision_tower." in k and v.is_floating_point() else v) for k, v in load_file(f).items()}
+    save_file(state, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(config_updates)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return d
+
+
+def test_tower_reloaded_from_mm_vision_tower_unless_trained(tiny, trained, caplog):
+    """Issue 12, item 5: as the original, tower weights stored in a checkpoint are ignored (the tower comes from
+    `mm_vision_tower`) unless the config records that the run trained the tower."""
+    from safetensors.torch import load_file
+
+    model, path = trained
+    frozen = _with_scaled_tower(tiny, path, "stored-tower-frozen")
+    tokenizer, loaded, _, _ = load(frozen)
+    torch.testing.assert_close(logits_of(loaded, tokenizer), logits_of(model, tiny.tokenizer), atol=0, rtol=0)
+
+    trained_tower = _with_scaled_tower(tiny, path, "stored-tower-trained", unfreeze_mm_vision_tower=True)
+    _, loaded, _, _ = load(trained_tower)
+    stored = load_file(os.path.join(trained_tower, "model.safetensors"))
+    key = next(k for k in stored if k.endswith("vision_tower.vision_tower.embeddings.patch_embedding.weight"))
+    torch.testing.assert_close(loaded.state_dict()[key], stored[key], atol=0, rtol=0)
+
+    # The tower directory is gone: the stored copy is used, with a warning (the original would stop).
+    moved = _with_scaled_tower(tiny, path, "stored-tower-moved", mm_vision_tower="/nonexistent/clip-336")
+    with caplog.at_level(logging.WARNING, logger="llava.model.builder"):
+        _, loaded, _, _ = load(moved)
+    assert "Using the tower weights stored in the checkpoint" in caplog.text
+    stored = load_file(os.path.join(moved, "model.safetensors"))
+    torch.testing.assert_close(loaded.state_dict()[key], stored[key], atol=0, rtol=0)

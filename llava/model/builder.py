@@ -219,15 +219,34 @@ def _from_pretrained(spec, weights_dir: str, config, kwargs: dict, expect_missin
     return model, bool(tower_missing)
 
 
-def _load_tokenizer(*dirs: str):
+LEGACY_SPM_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def tokenizer_kwargs(tokenizer_dir: str) -> dict:
+    """`legacy=True` for a LLaMA SentencePiece tokenizer whose config does not choose: the default of the
+    original's transformers 4.37 (a word after a special token written in the text, e.g. `</s>USER:` between
+    turns, starts with its own `▁` piece), which transformers 5 no longer applies by itself."""
+    config_file = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    config = json.load(open(config_file)) if os.path.isfile(config_file) else {}
+    spm = os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.model"))
+    if spm and "legacy" not in config and config.get("tokenizer_class", "LlamaTokenizer") in LEGACY_SPM_CLASSES:
+        return {"legacy": True}
+    return {}
+
+
+def load_tokenizer(*dirs: str):
+    """The tokenizer of the first of `dirs` that has tokenizer files, as the original's code would tokenize."""
     from transformers import AutoTokenizer
 
     for d in dirs:
         if d and any(
             os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         ):
-            return AutoTokenizer.from_pretrained(d)
+            return AutoTokenizer.from_pretrained(d, **tokenizer_kwargs(d))
     raise CheckpointError(f"No tokenizer files in {[d for d in dirs if d]}.")
+
+
+_load_tokenizer = load_tokenizer
 
 
 def _finish_multimodal(model, tokenizer, tower_missing: bool, trained_vocab: int | None = None):

@@ -5,6 +5,7 @@ saving. It adds, without changing what our own loader reads:
   config.json            the legacy rope keys (`rope_theta`, `rope_scaling`) beside transformers 5's `rope_parameters`
   tokenizer.model        the SentencePiece file of the tokenizer, when it has one (the original loads LLaMA-style
                          tokenizers with the slow, SentencePiece-only `LlamaTokenizer`)
+  tokenizer_config.json  a `tokenizer_class` transformers 4.37 has, where transformers 5 wrote `TokenizersBackend`
   adapter_config.json    only the keys peft 0.10 knows, when every other key is at its default
 """
 
@@ -79,6 +80,24 @@ def sentencepiece_file(tokenizer) -> str | None:
     return None
 
 
+def write_legacy_tokenizer_class(output_dir: str) -> None:
+    """transformers 5 may record `tokenizer_class: TokenizersBackend`, a class transformers 4.37 does not have: name
+    the 4.x class that reads the same files (`LlamaTokenizer` beside a SentencePiece file, else the generic fast
+    tokenizer)."""
+    path = os.path.join(output_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return
+    has_spm = os.path.isfile(os.path.join(output_dir, SPM_FILE))
+    config["tokenizer_class"] = "LlamaTokenizer" if has_spm else "PreTrainedTokenizerFast"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def copy_sentencepiece(tokenizer, output_dir: str) -> str | None:
     """Copy the tokenizer's `tokenizer.model` into `output_dir` (transformers 5 does not write it). Returns the copy."""
     source = sentencepiece_file(tokenizer)
@@ -138,5 +157,6 @@ def finish_checkpoint_dir(output_dir: str, tokenizer=None) -> None:
         write_legacy_config_keys(output_dir)
     if tokenizer is not None:
         copy_sentencepiece(tokenizer, output_dir)
+    write_legacy_tokenizer_class(output_dir)
     if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
         write_legacy_adapter_config(output_dir)
