@@ -279,6 +279,8 @@ def test_worker_killed_under_a_200_request_burst(stack):
     errors = [message for kind, message in stream_results if kind == "error"]
     assert all(victim in message and "stopped mid-answer" in message for message in errors), errors[:5]
     assert sum(kind == "ok" for kind, _ in stream_results) >= 50
+    # the kill did land mid-answer: some request was cut on the victim and went to the live worker
+    assert f"The worker at {victim} stopped mid-answer" in stack.procs["api"].log_tail(2000)
     assert stack.routed(20) == {stack.workers["w1"]}
 
 
