@@ -210,25 +210,38 @@ def test_non_streaming_client_that_leaves_is_cancelled(stack):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_dead_idle_worker_stops_receiving_requests_after_one_failure(stack):
-    dead = stack.workers["w2"]
-    assert stack.routed() == set(stack.workers.values())
-    stack.procs["w2"].kill()
-    # Every request still succeeds: the one that meets the dead worker is retried on the live one. (The lottery
-    # picks the dead one with probability 1/2 per request: 40 misses in a row happen once in 10^12 runs.)
+def test_dead_idle_worker_stops_receiving_requests_after_one_failure(stack, tmp_path):
+    from llava.serve.gradio_web_server import UserFacingError, WebServer, stream_reply
+
+    dead, live = stack.workers["w2"], stack.workers["w1"]
     reported = f"Worker {dead} was reported unreachable"
-    for _ in range(40):
-        response = requests.post(stack.api + "/v1/chat/completions", json=chat_body(), timeout=120)
-        assert response.status_code == 200, response.text
-        if reported in stack.procs["controller"].log_tail(400):
-            break
-    assert reported in stack.procs["controller"].log_tail(400)
-    # ...and from then on the controller routes nothing to it, long before its heartbeats would expire.
-    assert stack.routed(20) == {stack.workers["w1"]}
+    controller_log = lambda: stack.procs["controller"].log_tail(2000)  # noqa: E731
+    assert stack.routed() == {dead, live}
+    stack.procs["w2"].kill()
+    # The web UI: one failed request reports the worker, and the controller stops routing to it at once.
+    web = WebServer(stack.controller, str(tmp_path), model_list_mode="reload")
+    payload = {"model": MODEL, "prompt": llava_prompt("Hi"), "images": [png_b64()], "max_new_tokens": 4}
+    with pytest.raises(UserFacingError, match="not responding"):
+        list(stream_reply(web, dead, MODEL, payload))
+    assert controller_log().count(reported) == 1
+    assert stack.routed(20) == {live}  # long before its heartbeats (120 s here) would expire
     # A worker that answers again is re-admitted only after the controller's own status probe.
     stack.start_worker("w2")
     wait_until(lambda: dead in stack.routed(), 180, "the restarted worker to be routed again", [stack.procs["w2"]])
-    assert f"Worker {dead} answers again" in stack.procs["controller"].log_tail(400)
+    assert f"Worker {dead} answers again" in controller_log()
+    # The OpenAI API server: every request still succeeds (the one that meets the dead worker is retried on the live
+    # one) and it reports the worker. The lottery picks the dead one with probability 1/2 per request: 40 misses
+    # in a row happen once in 10^12 runs.
+    stack.procs["w2"].kill()
+    for _ in range(40):
+        response = requests.post(stack.api + "/v1/chat/completions", json=chat_body(), timeout=120)
+        assert response.status_code == 200, response.text
+        if controller_log().count(reported) == 2:
+            break
+    assert controller_log().count(reported) == 2
+    assert stack.routed(20) == {live}
+    stack.start_worker("w2")  # back for the next test
+    wait_until(lambda: dead in stack.routed(), 180, "the restarted worker to be routed again", [stack.procs["w2"]])
 
 
 def test_report_unreachable_of_an_unknown_worker_changes_nothing(stack):
@@ -282,6 +295,17 @@ def test_worker_killed_under_a_200_request_burst(stack):
     # the kill did land mid-answer: some request was cut on the victim and went to the live worker
     assert f"The worker at {victim} stopped mid-answer" in stack.procs["api"].log_tail(2000)
     assert stack.routed(20) == {stack.workers["w1"]}
+
+
+def test_load_script_loses_nothing(tmp_path):
+    out = tmp_path / "load.json"
+    args = [sys.executable, "scripts/bench/serve_load.py", "--concurrency", "40", "--max-tokens", "2"]
+    args += ["--work-dir", str(tmp_path), "--json", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, **SERVE_ENV})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["concurrency"] == 40 and run["lost"] == 0 and run["completed"] + sum(run["errors"].values()) == 40
+    assert all(rss > 0 for rss in run["peak_worker_rss_mb"]) and run["p50_s"] <= run["p99_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

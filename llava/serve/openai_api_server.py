@@ -60,6 +60,7 @@ logger = logging.getLogger("llava.serve.openai_api_server")
 
 ROLES = ("system", "developer", "user", "assistant")
 DETAILS_TTL = 30.0  # seconds a worker's template/context details are cached
+OVERLOAD_TRIES = 3  # workers asked before a request is refused as overloaded (503)
 UPSTREAM_CONNECTIONS = 4096  # open connections to workers; beyond this requests wait (the workers' queues fill first)
 
 
@@ -346,10 +347,14 @@ class Backend:
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
+            code = None
             try:
-                message = json.loads(raw.split(b"\0")[0]).get("text") or raw.decode(errors="replace")
+                data = json.loads(raw.split(b"\0")[0])
+                message, code = data.get("text") or raw.decode(errors="replace"), data.get("error_code")
             except (ValueError, AttributeError):
                 message = raw.decode(errors="replace")[:500]
+            if code == ErrorCode.OVERLOADED:
+                raise WorkerOverloaded(address, message)
             # 401: this server's --cluster-key does not match the worker's: an operator's problem, not the client's
             raise ApiError(400 if response.status_code < 500 and response.status_code != 401 else 503, message)
         return response
@@ -360,6 +365,14 @@ class WorkerUnreachable(ApiError):
 
     def __init__(self, address: str, message: str):
         super().__init__(503, message, code="worker_unreachable")
+        self.address = address
+
+
+class WorkerOverloaded(ApiError):
+    """A worker refused a request because its queue is full (503 `overloaded`); another worker may have room."""
+
+    def __init__(self, address: str, message: str):
+        super().__init__(503, message, code="overloaded")
         self.address = address
 
 
@@ -492,27 +505,41 @@ def build_app(
             }
             return address, prompt, await backend.open_stream(address, payload)
 
+        async def start_anywhere(retry_unreachable: bool = True) -> tuple[str, str, object]:
+            """`start`, on another worker when the chosen one cannot be reached (once) or its queue is full (up to
+            OVERLOAD_TRIES workers in all): 503 `overloaded` only when the workers tried are all full."""
+            full = 0
+            while True:
+                try:
+                    return await start()
+                except WorkerUnreachable as err:  # already reported to the controller
+                    if not retry_unreachable:
+                        raise
+                    retry_unreachable = False
+                    logger.warning("%s Retrying once on another worker.", err.message)
+                except WorkerOverloaded:
+                    full += 1
+                    if full >= OVERLOAD_TRIES:
+                        raise
+
         async def answer() -> tuple[str, dict]:
             # Nothing has reached the client yet, so a worker that cannot be reached or dies mid-answer is reported
             # to the controller and the request is tried once more on another worker.
-            for attempt in (1, 2):
+            retried = False
+            while True:
+                address, prompt, upstream = await start_anywhere(not retried)
                 try:
-                    address, prompt, upstream = await start()
                     return prompt, await _collect(upstream, address)
                 except WorkerUnreachable as err:
-                    if attempt == 2:
+                    if retried:
                         raise
+                    retried = True
                     await backend.report_unreachable(err.address)
                     logger.warning("%s Retrying once on another worker.", err.message)
-            raise AssertionError("unreachable")
 
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
-            try:
-                address, prompt, upstream = await start()
-            except WorkerUnreachable as err:  # not one byte was streamed: try another worker once
-                logger.warning("%s Retrying once on another worker.", err.message)
-                address, prompt, upstream = await start()
+            address, prompt, upstream = await start_anywhere()  # not one byte was streamed yet
             events = _sse(upstream, prompt, chat, completion_id, created, address, backend)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await _unless_disconnected(request, answer())
