@@ -299,3 +299,55 @@ def test_killed_launcher_leaves_no_rank_running(tiny, caption, tmp_path):
         for pid in ranks:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed resume
+
+
+@pytest.mark.slow
+def test_zero3_resume_skips_a_cut_off_optimizer_shard(tiny, tmp_path):
+    """ZeRO-3 on 2 ranks: real DeepSpeed checkpoints pass the check; one whose optimizer shard is cut short is
+    skipped, and the rerun resumes from the one before and trains the same losses."""
+    pytest.importorskip("deepspeed")
+    from train_helpers import original_release
+
+    data_path, folder = make_dataset(str(tmp_path / "data"), n_image=7, n_text=5, style="chat")
+    out = str(tmp_path / "out")
+    flags = tiny_flags(
+        tiny,
+        data_path,
+        folder,
+        out,
+        model_name_or_path=original_release(tiny)[0],
+        version="v1",
+        per_device_train_batch_size=1,
+        group_by_modality_length=True,
+        learning_rate=1e-3,
+        max_steps=4,
+        save_steps=2,
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+
+    def run() -> tuple[list[dict], str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        cmd += [os.path.join(REPO, "tests", "train_helpers.py"), str(tmp_path / "logits.pt")]
+        cmd += ["--deepspeed", "./scripts/zero3.json", *flags]
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        state = json.load(open(os.path.join(out, "trainer_state.json")))
+        return [e for e in state["log_history"] if "loss" in e], result.stdout + result.stderr
+
+    first, _ = run()
+    for step in (2, 4):
+        path = os.path.join(out, f"checkpoint-{step}")
+        assert checkpoint_problems(path, "full") == [], path
+        assert open(os.path.join(path, "latest")).read().strip() == f"global_step{step}"
+    shard = sorted(glob.glob(os.path.join(out, "checkpoint-4", "global_step4", "*optim_states.pt")))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    again, log = run()
+    assert f"Not resuming from `{os.path.join(out, 'checkpoint-4')}`" in log and "is cut short" in log
+    assert f"Resuming from {os.path.join(out, 'checkpoint-2')}" in log
+    assert [e["step"] for e in again] == [1, 2, 3, 4]
+    assert [e["loss"] for e in again] == pytest.approx([e["loss"] for e in first], abs=1e-6)
+    assert checkpoint_problems(os.path.join(out, "checkpoint-4"), "full") == []
