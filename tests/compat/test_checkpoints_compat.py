@@ -188,22 +188,48 @@ OURS_KINDS = {  # directory -> base it loads on (None: none)
 }
 
 
+SPM_ONLY = "llava-mistral-full-spm-only"
+TOKENIZER_JSON_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 12): the original loads `mistral`-named checkpoints with the fast tokenizer, and its "
+    "tokenizers 0.15 cannot parse a tokenizer.json written by tokenizers >= 0.19; docs/ModelFormats.md gives the "
+    "workaround, tested by test_ours_written_mistral_without_tokenizer_json",
+)
+
+
 @pytest.fixture(scope="module")
 def ours_probed(orig, bases, ours_written, workdir, image_file):
+    import shutil
+
+    kinds = dict(OURS_KINDS)
+    spm_only = os.path.join(workdir, SPM_ONLY)
+    shutil.copytree(ours_written["llava-mistral-full"], spm_only, ignore=shutil.ignore_patterns("tokenizer.json"))
+    paths = {**ours_written, SPM_ONLY: spm_only}
+    kinds[SPM_ONLY] = None
     jobs = {
         side: [
-            job(name, ours_written[name], bases.decoder_dirs[b] if b else None, workdir, image_file, side)
-            for name, b in OURS_KINDS.items()
+            job(name, paths[name], bases.decoder_dirs[b] if b else None, workdir, image_file, side)
+            for name, b in kinds.items()
         ]
         for side in ("ours", "orig")
     }
     return probe_both(orig, jobs["ours"], jobs["orig"], workdir)
 
 
-@pytest.mark.parametrize("name", sorted(OURS_KINDS))
+@pytest.mark.parametrize(
+    "name",
+    [n if n != "llava-mistral-full" else pytest.param(n, marks=TOKENIZER_JSON_GAP) for n in sorted(OURS_KINDS)],
+)
 def test_ours_written_loads_in_the_original(ours_probed, name):
     ours, theirs = ours_probed
     assert_same(ours, theirs, name)
+
+
+def test_ours_written_mistral_without_tokenizer_json(ours_probed):
+    """The documented workaround for the gap above: without tokenizer.json the original builds its fast tokenizer
+    from tokenizer.model, and the Mistral checkpoint (anyres, rope_theta 1e6) gives our logits there."""
+    ours, theirs = ours_probed
+    assert_same(ours, theirs, SPM_ONLY, ours_key="llava-mistral-full")
 
 
 def test_ours_written_files_are_of_the_originals_era(ours_written, bases):
