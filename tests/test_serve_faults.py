@@ -251,6 +251,23 @@ def test_report_unreachable_of_an_unknown_worker_changes_nothing(stack):
     assert stack.routed() == set(stack.workers.values())
 
 
+def test_stream_cut_by_a_kill_raises_in_the_openai_client(stack):
+    import openai
+
+    client = openai.OpenAI(base_url=stack.api + "/v1", api_key="none", max_retries=0, timeout=600)
+    stream = client.chat.completions.create(stream=True, **chat_body("Tell a long story.", max_tokens=3000))
+    chunks = [next(stream)]  # the role chunk: the answer is under way
+    busy = lambda: [name for name in ("w1", "w2") if stack.queue(name) == 1]  # noqa: E731
+    (name,) = wait_until(busy, 60, "the stream to reach a worker", list(stack.procs.values()), interval=0.05)
+    stack.procs[name].kill()
+    with pytest.raises(openai.APIError) as raised:
+        chunks += list(stream)
+    assert f"The worker at {stack.workers[name]} stopped mid-answer" in str(raised.value)
+    assert not any(c.choices and c.choices[0].finish_reason for c in chunks)  # never passed off as finished
+    stack.start_worker(name)  # back for the next test
+    wait_until(lambda: stack.workers[name] in stack.routed(), 180, "the restarted worker", [stack.procs[name]])
+
+
 def test_worker_killed_under_a_200_request_burst(stack):
     import openai
 
