@@ -158,3 +158,30 @@ def test_sampling_runs(engine):
 def test_engine_matches_loader(engine, tiny):
     tok, model, proc, ctx = load_pretrained_model(engine.model.config._name_or_path, None, device="cpu")
     assert ctx == engine.context_len and type(model) is type(engine.model)
+
+
+def test_kv_cache_is_passed_under_its_current_name(engine):
+    """transformers 5.25 deprecates `past_key_values` (gone in 5.40): generation and the step-wise decoder use `cache`;
+    a caller written for the original LLaVA may still pass `past_key_values` to `forward`."""
+    import warnings
+
+    params = GenerationParams(temperature=0, max_new_tokens=4)
+    prompt = engine.build_prompt("What is it?", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected = engine.generate([prompt], [images(1)], params)[0]
+        decoder = engine.decoder(params)
+        decoder.add([(0, engine.encode(prompt, images(1), 1), params)])
+        while decoder:
+            final = [u.text for u in decoder.step() if u.finished] or None
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert final == [expected]
+    from transformers import DynamicCache
+
+    ids = torch.tensor([engine.tokenizer("hello there").input_ids])
+    with torch.inference_mode():
+        first = engine.model(input_ids=ids[:, :-1], past_key_values=DynamicCache(), use_cache=True)
+        kv = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+        step = engine.model(input_ids=ids[:, -1:], past_key_values=kv, use_cache=True)
+        whole = engine.model(input_ids=ids).logits[:, -1]
+    assert torch.allclose(step.logits[:, -1], whole, atol=1e-5)
