@@ -8,7 +8,14 @@ import time
 import pytest
 from PIL import Image
 
-from llava.inference import GenerationParams, LlavaEngine, RequestError, stable_prefix
+from llava.inference import (
+    GREEDY_TIE_TOLERANCE,
+    GenerationParams,
+    LlavaEngine,
+    RequestError,
+    greedy_divergence,
+    stable_prefix,
+)
 from llava.serve.batching import BatchScheduler, Job, QueueFull
 
 QUESTIONS = [
@@ -78,7 +85,16 @@ def run_decoder(engine, items, join_every=2, per_join=2, remove=()):
     return finals, pieces
 
 
-def test_decoder_equals_generate_alone(engine):
+def assert_matches_alone(engine, items, finals):
+    """Each greedy reply is the one-at-a-time reply, or departs from it only at a near tie of the top two logits
+    (batching changes matrix shapes; see docs/Performance.md, Exactness)."""
+    for key, prompt, ims, params in items:
+        if key in finals:
+            _, margin = greedy_divergence(engine, prompt, ims, params, finals[key].text)
+            assert margin is None or margin <= GREEDY_TIE_TOLERANCE, (key, finals[key].text, margin)
+
+
+def test_decoder_equals_generate_alone(engine, threads):
     """Greedy: rows that join mid-batch, with their own budgets and stop strings, get the tokens `generate` gives
     each alone."""
     budgets = [6, 11, 3, 9, 14, 7]
@@ -93,7 +109,7 @@ def test_decoder_equals_generate_alone(engine):
     ]
     alone = [engine.generate([p], [ims], prm)[0] for _, p, ims, prm in items]
     finals, _ = run_decoder(engine, items)
-    assert [finals[k].text.strip() for k in range(len(items))] == alone
+    assert_matches_alone(engine, items, finals)
     assert finals[cut].finish_reason == "stop" and stop not in finals[cut].text
     assert all(finals[k].completion_tokens <= budgets[k] for k in range(len(items)))
 
@@ -137,7 +153,7 @@ def test_decoder_sampling_and_key_checks(llama_engine):
         engine.decoder(GenerationParams(temperature=0, num_beams=2))
 
 
-def test_prefix_cache_reuses_image_prefixes_exactly(engine):
+def test_prefix_cache_reuses_image_prefixes_exactly(engine, threads):
     """Asked again about the same image, a row prefills only its question on top of the stored prefix, and greedy
     text stays what `generate` gives alone; other images, other prefixes and text-only prompts are not mixed up."""
     engine.enable_prefix_cache(64 << 20)
@@ -151,9 +167,9 @@ def test_prefix_cache_reuses_image_prefixes_exactly(engine):
         items += [("two0", engine.build_prompt("<image> and <image>: which?", 2), two, params)]
         items += [("two1", engine.build_prompt("<image> and <image>: same?", 2), two, params)]
         items += [("text", engine.build_prompt("No picture here.", 0), [], params)]
-        alone = {k: engine.generate([p], [ims], prm)[0] for k, p, ims, prm in items}
         finals, _ = run_decoder(engine, items, join_every=1, per_join=1)
-        assert {k: u.text.strip() for k, u in finals.items()} == alone
+        assert set(finals) == {k for k, *_ in items}
+        assert_matches_alone(engine, items, finals)
         stats = engine.prefix_cache.stats()
         reuse = engine.decoder(params)._prefix_reuse
         assert reuse == ("mistral" not in engine.model.config.model_type)  # tiny Mistral: sliding-window layers
