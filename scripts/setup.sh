@@ -40,10 +40,30 @@ missing=""
 for extra in ${extras//,/ }; do
   case ",$installed," in *",$extra,"*) ;; *) missing="$missing $extra" ;; esac
 done
-if [ "$latest" = 0 ] && [ -z "$missing" ] && "$venv/bin/python" -c "import llava" 2>/dev/null; then
+# Installed versions are compared with the pins too (a fraction of a second), so a package changed by hand since the
+# last run is put back rather than silently kept.
+drift=$("$venv/bin/python" - <<'PY' 2>/dev/null || echo "unknown"
+from importlib import metadata
+wrong = []
+for line in open("constraints.txt"):
+    line = line.strip()
+    if line and not line.startswith("#"):
+        name, version = line.split("==")
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # a dependency of an extra not installed here, or of another platform
+        if have.split("+")[0] != version:
+            wrong.append(f"{name} {have} (pinned {version})")
+import llava  # noqa: F401  (the package itself must import)
+print("; ".join(wrong))
+PY
+)
+if [ "$latest" = 0 ] && [ -z "$missing" ] && [ -z "$drift" ]; then
   echo "[setup] $venv is in sync with constraints.txt (extras $extras)"
   exit 0
 fi
+[ "$latest" = 0 ] && [ -n "$drift" ] && [ -n "$installed" ] && echo "[setup] re-syncing $venv to constraints.txt: $drift"
 rm -f "$stamp_file"
 [ -n "$installed" ] && extras="$installed,$extras"  # keep what the same versions already installed
 
