@@ -301,6 +301,7 @@ def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | Non
                 "temperature": float(temperature),
                 "top_p": float(top_p),
                 "max_new_tokens": min(int(max_new_tokens), server.max_new_tokens_limit),
+                "stop": state.sep if state.sep_style.name in ("SINGLE", "MPT") else state.sep2,  # as the original UI
             }
             state.messages[-1][1] = CURSOR
             yield (state, state.to_gradio_chatbot()) + _buttons(False)

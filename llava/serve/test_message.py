@@ -67,6 +67,7 @@ def main(argv=None) -> int:
             "prompt": prompt,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
+            "stop": conv.sep if conv.sep_style.name in ("SINGLE", "MPT") else conv.sep2,  # original workers need it
         }
         print(f"{conv.roles[0]}: {args.message}\n{conv.roles[1]}: ", end="", flush=True)
         shown = ""
