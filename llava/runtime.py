@@ -9,7 +9,8 @@ anything imports torch; `configure_threads` then sets the thread count and expor
 (torchrun ranks, demo stages, servers). docs/Performance.md ("Threads") has the measurements.
 
 Overrides, strongest first: an explicit `threads` (the entry points' `--threads` flag), `LLAVA_THREADS`,
-`OMP_NUM_THREADS`; `OMP_WAIT_POLICY` set in the environment is kept.
+`OMP_NUM_THREADS`; `OMP_WAIT_POLICY` set in the environment is kept. Without one, the ranks of a distributed launch
+(`LOCAL_WORLD_SIZE`, set by torchrun) split the cores between them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 # Set too late when torch (and with it OpenMP) was loaded before llava: it then only reaches child processes.
 _WAIT_POLICY_TOO_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# Marks an OMP_NUM_THREADS that this policy exported (not one the user set), so child processes decide for themselves.
+_AUTO = "LLAVA_THREADS_AUTO"
 
 
 def available_cores() -> int:
@@ -49,11 +54,21 @@ def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op thread count by the policy above and export it for child processes; returns it."""
     if threads is not None and threads < 1:
         raise ValueError(f"--threads {threads}: the number of threads must be at least 1.")
-    chosen = threads or _from_env("LLAVA_THREADS") or _from_env("OMP_NUM_THREADS") or available_cores()
+    inherited = _from_env("OMP_NUM_THREADS")
+    if inherited is not None and os.environ.get(_AUTO) == str(inherited):
+        inherited = None  # our own export from a parent process, not the user's choice: decide again here
+    explicit = threads or _from_env("LLAVA_THREADS") or inherited
+    # Ranks of a distributed launch on this machine (torchrun sets LOCAL_WORLD_SIZE) share its cores.
+    ranks = max(1, _from_env("LOCAL_WORLD_SIZE") or 1)
+    chosen = explicit or max(1, available_cores() // ranks)
     import torch
 
     torch.set_num_threads(chosen)
     os.environ["OMP_NUM_THREADS"] = str(chosen)
+    if explicit:
+        os.environ.pop(_AUTO, None)
+    else:
+        os.environ[_AUTO] = str(chosen)
     if _WAIT_POLICY_TOO_LATE:
         logger.info("torch was imported before llava: OpenMP threads spin while waiting (set OMP_WAIT_POLICY=PASSIVE).")
     return chosen

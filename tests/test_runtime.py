@@ -22,7 +22,8 @@ print(json.dumps({"threads": n, "torch": torch.get_num_threads(), "child": int(c
 
 
 def probe(*args: str, **env: str) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LLAVA_THREADS", "OMP_WAIT_POLICY")}
+    drop = ("OMP_NUM_THREADS", "LLAVA_THREADS", "OMP_WAIT_POLICY", "LLAVA_THREADS_AUTO", "LOCAL_WORLD_SIZE")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, *args],
         env={**base, **env},
@@ -47,6 +48,16 @@ def test_overrides_flag_then_llava_threads_then_omp_num_threads():
     assert got["torch"] == got["child"] == 1 and got["omp"] == "1"  # children inherit the choice
     got = probe(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
     assert got["torch"] == 1 and got["wait"] == "ACTIVE"  # the user's wait policy is kept
+
+
+def test_ranks_split_the_cores_unless_told():
+    cores = len(os.sched_getaffinity(0))
+    assert probe(LOCAL_WORLD_SIZE="2")["torch"] == max(1, cores // 2)
+    # a parent's automatic choice is not an override: a rank decides again; a user's OMP_NUM_THREADS is kept
+    assert probe(LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS=str(cores), LLAVA_THREADS_AUTO=str(cores))["torch"] == max(
+        1, cores // 2
+    )
+    assert probe(LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="2")["torch"] == min(2, cores)
 
 
 def test_bad_thread_counts_are_refused():
