@@ -7,6 +7,7 @@ saving. It adds, without changing what our own loader reads:
                          tokenizers with the slow, SentencePiece-only `LlamaTokenizer`)
   tokenizer_config.json  a `tokenizer_class` transformers 4.37 has, where transformers 5 wrote `TokenizersBackend`
   adapter_config.json    only the keys peft 0.10 knows, when every other key is at its default
+  model*.safetensors     a trained tower's weights under transformers 4.x's `vision_model.` level
 """
 
 from __future__ import annotations
@@ -151,10 +152,62 @@ def write_legacy_adapter_config(output_dir: str) -> None:
         f.write("\n")
 
 
-def finish_checkpoint_dir(output_dir: str, tokenizer=None) -> None:
-    """Make a checkpoint directory our writers just saved readable by the original LLaVA code as well."""
+TOWER_PREFIX = "vision_tower.vision_tower."
+# Towers whose transformers 4.x class nests its weights under `vision_model.` (transformers 5 flattened them).
+NESTED_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
+def _legacy_tower_key(key: str) -> str:
+    head, sep, rest = key.partition(TOWER_PREFIX)
+    if not sep or rest.startswith("vision_model."):
+        return key
+    return f"{head}{TOWER_PREFIX}vision_model.{rest}"
+
+
+def write_legacy_tower_keys(output_dir: str) -> None:
+    """Store a trained tower under the key layout transformers 4.37 reads (`...vision_tower.vision_model.*`); the
+    original loads stored tower weights for `unfreeze_mm_vision_tower` checkpoints and would otherwise leave them
+    uninitialised. Our loader reads both layouts."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with open(os.path.join(output_dir, "config.json")) as f:
+        config = json.load(f)
+    tower_type = (config.get("mm_vision_tower_config") or {}).get("model_type", "clip_vision_model")
+    if not config.get("unfreeze_mm_vision_tower") or tower_type not in NESTED_TOWER_TYPES:
+        return
+    renamed_any = False
+    for name in sorted(os.listdir(output_dir)):
+        if not (name.startswith("model") and name.endswith(".safetensors")):
+            continue
+        path = os.path.join(output_dir, name)
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if all(_legacy_tower_key(k) == k for k in keys):
+                continue
+            metadata = f.metadata() or {"format": "pt"}
+            state = {_legacy_tower_key(k): f.get_tensor(k) for k in keys}
+        save_file(state, path, metadata=metadata)
+        renamed_any = True
+    index_file = os.path.join(output_dir, "model.safetensors.index.json")
+    if renamed_any and os.path.isfile(index_file):
+        with open(index_file) as f:
+            index = json.load(f)
+        index["weight_map"] = {_legacy_tower_key(k): v for k, v in index["weight_map"].items()}
+        with open(index_file, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+
+def finish_checkpoint_dir(output_dir: str, tokenizer=None, tower_keys: bool = True) -> None:
+    """Make a checkpoint directory our writers just saved readable by the original LLaVA code as well.
+
+    `tower_keys=False` keeps transformers 5's tower key layout (the trainer's intermediate `checkpoint-N` dirs,
+    which resuming reloads with a plain `load_state_dict`)."""
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         write_legacy_config_keys(output_dir)
+        if tower_keys:
+            write_legacy_tower_keys(output_dir)
     if tokenizer is not None:
         copy_sentencepiece(tokenizer, output_dir)
     write_legacy_tokenizer_class(output_dir)

@@ -644,7 +644,9 @@ class LLaVATrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
             if self.args.should_save:
                 save_checkpoint_config(self.model, output_dir)
-                finish_checkpoint_dir(output_dir, self.processing_class)
+                # A trained tower's keys move to the original's layout in the final output only: `checkpoint-N`
+                # dirs are resumed with a plain load_state_dict (both layouts load with load_pretrained_model).
+                finish_checkpoint_dir(output_dir, self.processing_class, tower_keys=not _internal_call)
             return
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         with gathered([p for _, p in named]):

@@ -105,8 +105,8 @@ def assert_same(ours: dict, theirs: dict, key: str, ours_key: str | None = None)
 
 @pytest.fixture(scope="module")
 def ours_written(bases, workdir):
-    """Our training writes: stage 1 (projector), a full fine-tune (`pad`), a LoRA run, its merge, and a full
-    Mistral run (`anyres` + `spatial_unpad`, rope_theta 1e6)."""
+    """Our training writes: stage 1 (projector), a full fine-tune (`pad`), a full fine-tune that trains the tower
+    too, a LoRA run, its merge, and a full Mistral run (`anyres` + `spatial_unpad`, rope_theta 1e6)."""
     from train_helpers import make_dataset, tiny_flags
 
     from llava.train.train import train
@@ -120,6 +120,7 @@ def ours_written(bases, workdir):
             "llava-llama-lora",
             "llava-llama-merged",
             "llava-mistral-full",
+            "llava-llama-full-tower",
         )
     }
     common = dict(max_steps=2, per_device_train_batch_size=2)
@@ -134,6 +135,18 @@ def ours_written(bases, workdir):
             version="v1",
             pretrain_mm_mlp_adapter=adapter,
             image_aspect_ratio="pad",
+            **common,
+        )
+    )
+    train(
+        tiny_flags(
+            bases,
+            data,
+            images,
+            out["llava-llama-full-tower"],
+            version="v1",
+            pretrain_mm_mlp_adapter=adapter,
+            unfreeze_mm_vision_tower=True,
             **common,
         )
     )
@@ -182,6 +195,7 @@ def ours_written(bases, workdir):
 OURS_KINDS = {  # directory -> base it loads on (None: none)
     "llava-llama-stage1": "llama",
     "llava-llama-full": None,
+    "llava-llama-full-tower": None,  # the tower trained too: both sides must use the stored tower weights
     "llava-llama-lora": "llama",
     "llava-llama-merged": None,
     "llava-mistral-full": None,
@@ -242,6 +256,15 @@ def test_ours_written_files_are_of_the_originals_era(ours_written, bases):
     assert set(adapter) <= PEFT_010_LORA_FIELDS, sorted(set(adapter) - PEFT_010_LORA_FIELDS)
     for name in ("llava-llama-full", "llava-llama-lora", "llava-llama-merged", "llava-mistral-full"):
         assert os.path.isfile(os.path.join(ours_written[name], "tokenizer.model")), name
+    # The tower-training run records it and stores its own tower (not the tower directory's weights).
+    from safetensors.torch import load_file
+
+    tower_run = ours_written["llava-llama-full-tower"]
+    assert json.load(open(os.path.join(tower_run, "config.json")))["unfreeze_mm_vision_tower"] is True
+    stored = load_file(os.path.join(tower_run, "model.safetensors"))
+    pretrained = load_file(os.path.join(bases.clip_dir, "model.safetensors"))
+    key = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(stored[f"model.vision_tower.vision_tower.{key}"], pretrained[key])
     mistral = json.load(open(os.path.join(ours_written["llava-mistral-full"], "config.json")))
     assert mistral["rope_theta"] == 1e6 and mistral["rope_parameters"]["rope_theta"] == 1e6
     assert mistral["image_aspect_ratio"] == "anyres" and mistral["mm_patch_merge_type"] == "spatial_unpad"
