@@ -164,15 +164,21 @@ class WebServer:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-class UploadedImage(gr.Image):
+def uploaded_image(**kwargs) -> gr.Image:
     """An image input that hands over the uploaded file's path without opening it: gradio's own preprocessing would
     open it with PIL and show PIL's raw error (with the temporary path) for a bomb or a non-image; `add_text`
-    checks it against the server's limits instead."""
+    checks it against the server's limits instead. The override is set on the instance, not in a subclass: gradio
+    treats a subclass as a custom component whose front end the page cannot find (it never finishes loading)."""
+    box = gr.Image(**kwargs)
+    plain = box.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return payload.path
-        return super().preprocess(payload)
+        return plain(payload)
+
+    box.preprocess = preprocess
+    return box
 
 
 class UserFacingError(Exception):
@@ -344,7 +350,7 @@ def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | Non
                     elem_id="model_selector",
                 )
                 # a file path, not a PIL image: gradio must not decode an upload before our limits see its header
-                imagebox = UploadedImage(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
+                imagebox = uploaded_image(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
                 image_process_mode = gr.Radio(
                     list(IMAGE_PROCESS_MODES),
                     value="Default",
