@@ -309,8 +309,10 @@ def test_worker_killed_under_a_200_request_burst(stack):
     errors = [message for kind, message in stream_results if kind == "error"]
     assert all(victim in message and "stopped mid-answer" in message for message in errors), errors[:5]
     assert sum(kind == "ok" for kind, _ in stream_results) >= 50
-    # the kill did land mid-answer: some request was cut on the victim and went to the live worker
-    assert f"The worker at {victim} stopped mid-answer" in stack.procs["api"].log_tail(2000)
+    # the kill did land mid-answer: some request was cut on the victim, either a stream (its client saw the error
+    # above) or a non-streaming request that the API server retried on the live worker (its log says so)
+    retried = f"The worker at {victim} stopped mid-answer" in stack.procs["api"].log_tail(10**7)
+    assert errors or retried, "no request was mid-answer on the victim when it was killed"
     assert stack.routed(20) == {stack.workers["w1"]}
 
 
