@@ -11,6 +11,7 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.prompting import IMAGE_PART_TEXT, web_image_turns
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -23,7 +24,6 @@ Segment = tuple[str, bool]
 
 IMAGE_PROCESS_MODES = ("Crop", "Resize", "Pad", "Default")
 PAD_BACKGROUND = (122, 116, 104)
-_MMTAG_IMAGE = "<Image><image></Image>"
 _CHATML_SYSTEM_HEADER = "<|im_start|>system\n"
 
 
@@ -66,6 +66,8 @@ class Conversation:
     skip_next: bool = False
     # What generation stops on besides EOS (None: EOS alone ends a reply).
     stop_str: str | None = None
+    # Images shown as `<Image><image></Image>` (the `*_mmtag` templates); see `llava.prompting`.
+    mmtag: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sep_style, SeparatorStyle):
@@ -103,14 +105,11 @@ class Conversation:
         pairs = [(role, _text_of(message)) for role, message in self.messages]
         trainable = [i % 2 == 1 and i >= self.offset for i in range(len(pairs))]
         if self.messages and isinstance(self.messages[0][1], tuple):
-            # A web-UI image turn: the image goes first, whatever the user typed around `<image>`.
+            # A web-UI image turn: `llava.prompting` places the image (mmtag templates add two synthetic turns).
             role, text = pairs[0]
-            text = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-            if "mmtag" in self.version:
-                pairs = [(self.roles[0], _MMTAG_IMAGE), (self.roles[1], "Received."), (role, text), *pairs[1:]]
-                trainable = [False, False, *trainable]
-            else:
-                pairs[0] = (role, f"{DEFAULT_IMAGE_TOKEN}\n{text}")
+            *synthetic, text = web_image_turns(text, mmtag=self.mmtag)
+            pairs = [(self.roles[i % 2], t) for i, t in enumerate(synthetic)] + [(role, text), *pairs[1:]]
+            trainable = [False] * len(synthetic) + trainable
         return [
             _Turn(role, text, assistant=i % 2 == 1, trainable=train)
             for i, ((role, text), train) in enumerate(zip(pairs, trainable, strict=True))
@@ -455,9 +454,9 @@ conv_llava_v0 = Conversation(
     sep="###",
     stop_str="###",
 )
-conv_llava_v0_mmtag = dataclasses.replace(conv_llava_v0, system=_SYSTEM_MMTAG, version="v0_mmtag")
+conv_llava_v0_mmtag = dataclasses.replace(conv_llava_v0, system=_SYSTEM_MMTAG, version="v0_mmtag", mmtag=True)
 conv_llava_v1 = dataclasses.replace(conv_vicuna_v1, system=_SYSTEM_HUMAN)
-conv_llava_v1_mmtag = dataclasses.replace(conv_vicuna_v1, system=_SYSTEM_MMTAG, version="v1_mmtag")
+conv_llava_v1_mmtag = dataclasses.replace(conv_vicuna_v1, system=_SYSTEM_MMTAG, version="v1_mmtag", mmtag=True)
 conv_llama_3 = Conversation(
     system=_SYSTEM_LLAVA,
     roles=("user", "assistant"),
@@ -549,7 +548,7 @@ _JINJA_CONTENT_MACRO = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- if part['type'] == 'image' -%}{{ '" + IMAGE_PART_TEXT.replace("\n", "\\n") + "' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"

@@ -17,14 +17,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-)
-from llava.conversation import Conversation, SeparatorStyle, conv_templates
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import Conversation, conv_templates
+from llava.prompting import place_training_image_markers
 
 CHAT_TEMPLATE = "chat_template"
 ROLES = ("system", "user", "assistant")
@@ -78,31 +73,11 @@ def check_version(version: str, tokenizer: Any = None) -> str:
 def prepare_image_markers(
     messages: Sequence[tuple[str, str]], num_images: int, version: str, mm_use_im_start_end: bool = False
 ) -> list[tuple[str, str]]:
-    """Put `<image>` markers where the template wants them, as the original LLaVA did before tokenizing.
-
-    A record with a single image has its marker moved to the start of its message ("<image>\\n" + text), the
-    layout LLaVA-1.5 was trained with; with several images each marker stays where the record put it. `plain`
-    (stage 1, and any template of the PLAIN style) reduces every user turn to its markers alone, so only the caption is text. `*mmtag` templates wrap
-    the marker in <Image></Image>; `mm_use_im_start_end` wraps it in <im_start>/<im_end>.
-    """
-    plain = version in conv_templates and conv_templates[version].sep_style is SeparatorStyle.PLAIN
-    out = []
-    for role, text in messages:
-        count = text.count(DEFAULT_IMAGE_TOKEN)
-        if count and plain and role == "user":
-            text = DEFAULT_IMAGE_TOKEN * count
-        elif count == 1 and num_images == 1:
-            text = (DEFAULT_IMAGE_TOKEN + "\n" + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
-        elif plain and role == "user":
-            text = ""
-        if count and "mmtag" in version:
-            text = text.replace(DEFAULT_IMAGE_TOKEN, "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>")
-        if count and mm_use_im_start_end:
-            text = text.replace(
-                DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-            )
-        out.append((role, text))
-    return out
+    """`messages` with their `<image>` markers placed for template `version` as the original LLaVA trained
+    (`llava.prompting.place_training_image_markers`, which owns the rules)."""
+    return place_training_image_markers(
+        messages, num_images, template=conv_templates.get(version), mm_use_im_start_end=mm_use_im_start_end
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- segments
