@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava.mm_utils import process_images
+from llava.prompting import content_text
 from llava.train.preprocess import (
     ConversationError,
     Preprocessor,
@@ -113,19 +114,13 @@ def _hf_content(content: Any) -> str:
         return content
     if not isinstance(content, list):
         raise ConversationError(f"Message content must be a string or a list of parts, got `{content!r:.80}`.")
-    text, after_image = "", False
+    parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image":
-            text += DEFAULT_IMAGE_TOKEN
-            after_image = True
-        elif kind == "text":
-            piece = part.get("text", "")
-            text += ("\n" if after_image and piece and not piece.startswith("\n") else "") + piece
-            after_image = False
-        else:
+        if kind not in ("image", "text"):
             raise ConversationError(f"Unknown content part `{part!r:.80}`; expected type `image` or `text`.")
-    return text
+        parts.append((kind, part.get("text", "") if kind == "text" else ""))
+    return content_text(parts, compact=True)  # where the markers go: llava.prompting
 
 
 def _messages(raw: dict) -> tuple[list[tuple[str, str]], list[str]]:
