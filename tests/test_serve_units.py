@@ -38,13 +38,19 @@ def test_controller_dispatch_and_models():
 
 
 def test_controller_heart_beat_expiry():
-    controller = Controller(heart_beat_expiration=0.3)
+    # `a` is checked right after its heartbeat (microseconds old; the expiry is far more than 5x that even on a busy
+    # machine) and `b` only once more than the expiry has surely passed since it registered: no timed assumption.
+    expiry = 1.0
+    controller = Controller(heart_beat_expiration=expiry)
     controller.register_worker("http://a", True, status("m1"))
     controller.register_worker("http://b", True, status("m2"))
+    b_registered = time.monotonic()
     controller.register_worker("http://manual", False, status("m3"))  # registered by hand: never expires
-    for _ in range(4):
+    beats = 0
+    while time.monotonic() - b_registered <= expiry or beats < 4:
         time.sleep(0.1)
         assert controller.receive_heart_beat("http://a", 0)
+        beats += 1
     assert controller.list_models() == ["m1", "m3"]  # b went silent: gone from the list at once
     assert controller.get_worker_address("m2") == ""
     controller.remove_stale_workers()

@@ -66,45 +66,39 @@ def error_event(err: BaseException) -> dict:
     return {"text": f"Generation failed on the model worker: {text[:500]}", "error_code": 2, "finished": True}
 
 
-class BatchScheduler:
-    """Queue + scheduler thread around one `LlavaEngine`."""
+class Scheduler:
+    """What the worker needs from a scheduler: `submit` a `Job` (or `QueueFull`), `queue_length`, `start`/`stop`,
+    and the statistics `batches` / `max_rows_seen`. Subclasses provide `_threads` (started by `start`) and run jobs."""
 
-    def __init__(
-        self,
-        engine: LlavaEngine,
-        max_batch_size: int = 8,
-        batch_wait_s: float = 0.005,
-        max_queue: int = 256,
-        conv_mode: str | None = None,
-    ):
+    def __init__(self, engine: LlavaEngine, max_batch_size: int, max_queue: int, conv_mode: str | None, what: str):
         if max_batch_size < 1:
-            raise ValueError(f"`max_batch_size`={max_batch_size}; it must be at least 1.")
+            raise ValueError(f"`{what}`={max_batch_size}; it must be at least 1.")
         self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
+        self.max_batch_size = max_batch_size  # rows decoded at once
         self.max_queue = max_queue
         self.conv_mode = conv_mode
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running = 0
-        self._active: set[Job] = set()  # taken from the queue, not finished yet
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="llava-batch-scheduler", daemon=True)
+        self._threads: list[threading.Thread] = []
         self.batches = 0  # statistics, for logs and tests
         self.max_rows_seen = 0
 
-    # -- public ------------------------------------------------------------------------------------------------
-    def start(self) -> BatchScheduler:
-        self._thread.start()
+    def start(self):
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        """Queue `job`; `QueueFull` when --max-queue-size requests already wait."""
         with self._cv:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(
@@ -118,6 +112,37 @@ class BatchScheduler:
     def queue_length(self) -> int:
         """Requests waiting plus requests being decoded."""
         return len(self._queue) + self._running
+
+    @staticmethod
+    def _emit(job: Job, event: dict) -> None:
+        try:
+            job.emit(event)
+        except Exception:  # a client's callback must never take the scheduler down
+            logger.exception("Delivering an event for request %s failed", job.id)
+
+    def _beam_answer(self, job: Job) -> dict:
+        """The final event of a beam-search request: `generate` cannot stream beams, so one answer, no partials."""
+        text = self.engine.generate_encoded([job.request], job.params, self.conv_mode)[0]
+        usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": None}
+        return {"text": text, "error_code": 0, "finished": True, "finish_reason": "stop", "usage": usage}
+
+
+class BatchScheduler(Scheduler):
+    """Queue + scheduler thread around one `LlavaEngine`."""
+
+    def __init__(
+        self,
+        engine: LlavaEngine,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 256,
+        conv_mode: str | None = None,
+    ):
+        super().__init__(engine, max_batch_size, max_queue, conv_mode, "max_batch_size")
+        self.batch_wait_s = batch_wait_s
+        self._active: set[Job] = set()  # taken from the queue, not finished yet
+        self._last_rows = 0  # most rows the last batch held: >1 means requests are arriving concurrently
+        self._threads = [threading.Thread(target=self._run, name="llava-batch-scheduler", daemon=True)]
 
     # -- scheduler thread --------------------------------------------------------------------------------------
     def _take(self, key: tuple | None, limit: int) -> list[Job]:
@@ -151,13 +176,6 @@ class BatchScheduler:
             self._running -= 1
         self._emit(job, event)
 
-    @staticmethod
-    def _emit(job: Job, event: dict) -> None:
-        try:
-            job.emit(event)
-        except Exception:  # a client's callback must never take the scheduler down
-            logger.exception("Delivering an event for request %s failed", job.id)
-
     def _run(self) -> None:
         while True:
             with self._cv:
@@ -165,12 +183,16 @@ class BatchScheduler:
                     self._cv.wait()
                 if self._stopped:
                     return
-            if self.batch_wait_s:
-                time.sleep(self.batch_wait_s)  # let the rest of a burst arrive, so it shares the first forward pass
+                busy = len(self._queue) > 1 or self._last_rows > 1
+            if self.batch_wait_s and busy:
+                # requests arrive together: let the rest of a burst arrive, so it shares the first forward pass (a
+                # lone request starts at once; one arriving during its decode joins between steps anyway)
+                time.sleep(self.batch_wait_s)
             jobs = self._take(None, self.max_batch_size)
             if not jobs:
                 continue
             self.batches += 1
+            self._last_rows = len(jobs)
             try:
                 if jobs[0].params.num_beams > 1:
                     self._run_beams(jobs)
@@ -184,9 +206,7 @@ class BatchScheduler:
     def _run_beams(self, jobs: list[Job]) -> None:
         for job in jobs:  # beam search goes through `generate`, one request at a time, no partial text
             try:
-                text = self.engine.generate_encoded([job.request], job.params, self.conv_mode)[0]
-                usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": None}
-                event = {"text": text, "error_code": 0, "finished": True, "finish_reason": "stop", "usage": usage}
+                event = self._beam_answer(job)
             except Exception as err:
                 logger.exception("Beam search failed for request %s", job.id)
                 event = error_event(err)
@@ -201,6 +221,7 @@ class BatchScheduler:
                 self._finish(job, error_event(err))
             return
         self.max_rows_seen = max(self.max_rows_seen, len(decoder))
+        self._last_rows = max(self._last_rows, len(decoder))
 
     def _run_batch(self, jobs: list[Job]) -> None:
         key = jobs[0].params.batch_key()
@@ -235,55 +256,17 @@ class BatchScheduler:
                     self._admit(decoder, more)
 
 
-class SerialScheduler:
+class SerialScheduler(Scheduler):
     """The original worker's design, kept as the baseline for benchmarks (`--batching off`): every request runs its
     own HF `generate` (streamed), at most `concurrency` at a time (the original's semaphore), in arrival order.
-
-    Same interface as `BatchScheduler`, so the worker can use either.
     """
 
     def __init__(self, engine: LlavaEngine, concurrency: int = 1, max_queue: int = 256, conv_mode: str | None = None):
-        if concurrency < 1:
-            raise ValueError(f"`concurrency`={concurrency}; it must be at least 1.")
-        self.engine = engine
-        self.max_batch_size = concurrency  # rows decoded at once: one per running `generate`
-        self.max_queue = max_queue
-        self.conv_mode = conv_mode
-        self._queue: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._running = 0
-        self._stopped = False
+        # rows decoded at once: one per running `generate`
+        super().__init__(engine, concurrency, max_queue, conv_mode, "concurrency")
         self._threads = [
             threading.Thread(target=self._run, name=f"llava-serial-{i}", daemon=True) for i in range(concurrency)
         ]
-        self.batches = 0
-        self.max_rows_seen = 0
-
-    def start(self) -> SerialScheduler:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stopped = True
-            self._cv.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def submit(self, job: Job) -> None:
-        with self._cv:
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"The model worker's queue is full ({len(self._queue)} requests waiting, --max-queue-size "
-                    f"{self.max_queue}); try again shortly."
-                )
-            self._queue.append(job)
-            self._cv.notify()
-
-    @property
-    def queue_length(self) -> int:
-        return len(self._queue) + self._running
 
     def _next(self) -> Job | None:
         with self._cv:
@@ -308,19 +291,17 @@ class SerialScheduler:
             with self._cv:
                 self._running -= 1
             if event is not None:
-                BatchScheduler._emit(job, event)
+                self._emit(job, event)
 
     def _serve(self, job: Job) -> dict | None:
-        if job.params.num_beams > 1:  # `generate` cannot stream beams: one answer, as BatchScheduler does
-            text = self.engine.generate_encoded([job.request], job.params, self.conv_mode)[0]
-            usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": None}
-            return {"text": text, "error_code": 0, "finished": True, "finish_reason": "stop", "usage": usage}
+        if job.params.num_beams > 1:
+            return self._beam_answer(job)
         info: dict = {}
         text = ""
         with contextlib.closing(self.engine.stream_encoded(job.request, job.params, self.conv_mode, usage=info)) as out:
             for text in out:
                 if job.cancelled.is_set():
                     return None  # the client went away; closing the stream stops `generate`
-                BatchScheduler._emit(job, {"text": text, "error_code": 0})
+                self._emit(job, {"text": text, "error_code": 0})
         usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": info["completion_tokens"]}
         return {"text": text, "error_code": 0, "finished": True, "finish_reason": info["finish_reason"], "usage": usage}
