@@ -161,7 +161,7 @@ def check_dataset(
         report.skipped_checks += ["too long (cut)", "no supervised token"]
     else:
         for i, record in records.items():
-            tokens = preprocessor(record.messages, len(record.images))
+            tokens = preprocessor(record.messages, len(record.images), validated=True)  # checked when read
             n_images = len(record.images)
             length = len(tokens.input_ids) - n_images + n_images * image_tokens
             if length <= model_max_length:

@@ -51,7 +51,8 @@ IMAGE_LENGTH_ESTIMATE = 128
 
 @dataclasses.dataclass
 class Record:
-    """One conversation: `messages` are (role, text) with roles system/user/assistant; `images` are full paths."""
+    """One conversation, built by `normalize_record` (which checks the message order): `messages` are (role, text)
+    with roles system/user/assistant; `images` are full paths."""
 
     index: int
     id: str
@@ -367,7 +368,7 @@ class LazySupervisedDataset(Dataset):
     def tokenize(self, index: int, image_sizes: Sequence[Sequence[int]] | None = None) -> tuple[Tokenized, int]:
         """Tokenized sample `index`, cut to `max_length` after image expansion, and how many images it keeps."""
         record = self.records[index]
-        tokens = self.preprocessor(record.messages, len(record.images))
+        tokens = self.preprocessor(record.messages, len(record.images), validated=True)  # checked when read
         if record.images:
             if image_sizes is None and self.image_tokens.depends_on_size:
                 image_sizes = [_image_size(p) for p in record.images]

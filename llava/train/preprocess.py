@@ -84,7 +84,11 @@ def prepare_image_markers(
 
 
 def check_order(messages: Sequence[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
-    """Split off a leading system message; the rest must alternate user/assistant, starting with the user."""
+    """Split off a leading system message; the rest must alternate user/assistant, starting with the user.
+
+    Records read by `llava.train.data.normalize_record` were checked there; the preprocessor is then called with
+    `validated=True` and only splits the system message off (`split_system`), so each sample is checked once.
+    """
     if not messages:
         raise ConversationError("The conversation has no messages.")
     for role, text in messages:
@@ -92,9 +96,7 @@ def check_order(messages: Sequence[tuple[str, str]]) -> tuple[str | None, list[t
             raise ConversationError(f"Unknown role `{role}`; expected one of {', '.join(ROLES)}.")
         if not isinstance(text, str):
             raise ConversationError(f"A `{role}` message is {type(text).__name__}, not text.")
-    system = None
-    if messages[0][0] == "system":
-        system, messages = messages[0][1], list(messages[1:])
+    system, messages = split_system(messages)
     for i, (role, _) in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
@@ -104,12 +106,19 @@ def check_order(messages: Sequence[tuple[str, str]]) -> tuple[str | None, list[t
             )
     if not any(role == "assistant" for role, _ in messages):
         raise ConversationError("The conversation has no assistant reply, so there is nothing to learn.")
-    return system, list(messages)
+    return system, messages
 
 
-def template_segments(version: str, messages: Sequence[tuple[str, str]]) -> list[Segment]:
-    """Segments of a conversation rendered with the registered template `version`."""
-    system, turns = check_order(messages)
+def split_system(messages: Sequence[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """`(system text or None, the other messages)`, without checking their order (see `check_order`)."""
+    if messages and messages[0][0] == "system":
+        return messages[0][1], list(messages[1:])
+    return None, list(messages)
+
+
+def template_segments(version: str, messages: Sequence[tuple[str, str]], *, validated: bool = False) -> list[Segment]:
+    """Segments of a conversation rendered with the registered template `version` (`validated`: see `check_order`)."""
+    system, turns = split_system(messages) if validated else check_order(messages)
     template = conv_templates[version]
     # Few-shot examples baked into a template (v0) are for prompting, not training: start from an empty history.
     conv: Conversation = dataclasses.replace(template, messages=[], offset=0)
@@ -120,14 +129,18 @@ def template_segments(version: str, messages: Sequence[tuple[str, str]]) -> list
     return conv.get_prompt_segments()
 
 
-def chat_template_segments(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[Segment]:
+def chat_template_segments(
+    tokenizer: Any, messages: Sequence[tuple[str, str]], *, validated: bool = False
+) -> list[Segment]:
     """Segments from the tokenizer's chat template, rendered message by message.
 
     For each assistant message, the conversation is rendered up to it with the generation prompt (that is what the
     model sees at inference) and then including it; the difference is the reply. The reply and its end-of-turn
-    string are supervised; whitespace the template puts after them (between turns) is not.
+    string are supervised; whitespace the template puts after them (between turns) is not. `validated`: see
+    `check_order`.
     """
-    check_order(messages)
+    if not validated:
+        check_order(messages)
     chat = [{"role": role, "content": text} for role, text in messages]
 
     def render(upto: int, generation_prompt: bool) -> str:
@@ -187,19 +200,26 @@ class Preprocessor:
         self.add_bos = adds_bos(tokenizer)
         self.has_offsets = bool(getattr(tokenizer, "is_fast", False))
 
-    def segments(self, messages: Sequence[tuple[str, str]], num_images: int | None = None) -> list[Segment]:
-        """Render `messages` [(role, text)] as segments, image markers placed as the template wants them."""
+    def segments(
+        self, messages: Sequence[tuple[str, str]], num_images: int | None = None, *, validated: bool = False
+    ) -> list[Segment]:
+        """Render `messages` [(role, text)] as segments, image markers placed as the template wants them.
+
+        `validated`: the messages already passed `check_order` (records from `normalize_record`).
+        """
         if num_images is None:
             num_images = sum(text.count(DEFAULT_IMAGE_TOKEN) for _, text in messages)
         messages = prepare_image_markers(messages, num_images, self.version, self.mm_use_im_start_end)
         if self.version == CHAT_TEMPLATE:
-            segments = chat_template_segments(self.tokenizer, messages)
+            segments = chat_template_segments(self.tokenizer, messages, validated=validated)
         else:
-            segments = template_segments(self.version, messages)
+            segments = template_segments(self.version, messages, validated=validated)
         return _move_reply_spaces(segments)
 
-    def __call__(self, messages: Sequence[tuple[str, str]], num_images: int | None = None) -> Tokenized:
-        return self.tokenize_segments(self.segments(messages, num_images))
+    def __call__(
+        self, messages: Sequence[tuple[str, str]], num_images: int | None = None, *, validated: bool = False
+    ) -> Tokenized:
+        return self.tokenize_segments(self.segments(messages, num_images, validated=validated))
 
     def tokenize_segments(self, segments: Sequence[Segment]) -> Tokenized:
         """Token ids and labels for `segments`; `<image>` becomes IMAGE_TOKEN_INDEX (never supervised)."""
