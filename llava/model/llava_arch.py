@@ -127,6 +127,26 @@ def load_projector_weights(projector: nn.Module, state: dict[str, torch.Tensor],
     projector.load_state_dict({k: v.to(**kwargs) for k, v in prefix_keys.items()})
 
 
+def packed_position_ids(position_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Positions of a packed row (positions restart where a sample starts) after token i became `counts[i]`
+    embeddings: an image's features continue its sample's positions, and the sample's later tokens shift along."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[1:] = position_ids[1:] - position_ids[:-1] != 1  # transformers' rule (masking_utils)
+    first = torch.cumsum(counts, 0) - counts  # where each token's embeddings begin in the expanded row
+    idx = torch.arange(int(counts.sum()), device=position_ids.device)
+    base = torch.zeros_like(idx)
+    base[first[starts]] = position_ids[starts]
+    begin = torch.zeros_like(idx)
+    begin[first[starts]] = first[starts]
+    begin = begin.cummax(0).values  # expanded index where the current sample begins
+    return base[begin] + idx - begin
+
+
+def _restarts(position_ids: torch.Tensor | None) -> bool:
+    """Whether positions restart inside a row: several samples packed into one (see `packed_position_ids`)."""
+    return position_ids is not None and bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
+
+
 def _right_padded(attention_mask: torch.Tensor | None) -> bool:
     """Whether every row of a (B, T) mask is real tokens followed only by padding."""
     if attention_mask is None or attention_mask.dim() != 2:
@@ -310,6 +330,8 @@ class LlavaMetaForCausalLM:
 
         features = self.image_features(images, image_sizes) if n_images else []
         embed = self.get_input_embeddings()
+        # Packed rows (--packing, llava/train/packing.py): positions restart per sample and there is no mask.
+        packed = position_ids is not None and attention_mask is None
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
@@ -319,18 +341,20 @@ class LlavaMetaForCausalLM:
         # One embedding call for the whole batch; the sentinel rows are discarded below.
         text_embeds = embed(input_ids.clamp(min=0))
 
-        rows_embeds, rows_labels = [], []
+        rows_embeds, rows_labels, rows_positions = [], [], []
         next_image = 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b]
             ids, lab, emb = input_ids[b][keep], labels[b][keep], text_embeds[b][keep]
             marks = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
             pieces_e, pieces_l, start = [], [], 0
+            counts = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
             for m in marks:
                 pieces_e.append(emb[start:m])
                 pieces_l.append(lab[start:m])
                 feat = features[next_image].to(device=emb.device, dtype=emb.dtype)
                 next_image += 1
+                counts[m] = feat.shape[0]
                 pieces_e.append(feat)
                 pieces_l.append(torch.full((feat.shape[0],), IGNORE_INDEX, device=lab.device, dtype=lab.dtype))
                 start = m + 1
@@ -338,11 +362,14 @@ class LlavaMetaForCausalLM:
             pieces_l.append(lab[start:])
             rows_embeds.append(torch.cat(pieces_e))
             rows_labels.append(torch.cat(pieces_l))
+            if packed:
+                rows_positions.append(packed_position_ids(position_ids.expand(input_ids.shape[0], -1)[b], counts))
 
         max_len = getattr(self.config, "tokenizer_model_max_length", None)
         if max_len is not None:
             rows_embeds = [e[:max_len] for e in rows_embeds]
             rows_labels = [lab[:max_len] for lab in rows_labels]
+            rows_positions = [pos[:max_len] for pos in rows_positions]
 
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right") or "right"
         width = max(e.shape[0] for e in rows_embeds)
@@ -359,10 +386,14 @@ class LlavaMetaForCausalLM:
             new_labels[b, sl] = lab
             new_mask[b, sl] = True
         new_position_ids = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if packed:  # each sample keeps its positions; the padding becomes a sample of its own (positions from 0)
+            new_position_ids = (~new_mask).long().cumsum(-1) - 1
+            for b, pos in enumerate(rows_positions):
+                new_position_ids[b, new_mask[b]] = pos.to(new_position_ids.device)
         return (
             None,
             new_position_ids if position_ids is not None else None,
-            new_mask,
+            None if packed else new_mask,
             past_key_values,
             embeds,
             new_labels if labels_given else None,
@@ -395,6 +426,9 @@ class LlavaMetaForCausalLM:
                     input_ids, position_ids, attention_mask, cache, labels, images, image_sizes
                 )
             )
+        if cache is None and attention_mask is None and _restarts(position_ids):
+            # Packed rows (--packing): transformers builds the per-sample mask only when no KV cache is made.
+            use_cache = False
         if labels is not None and cache is None and position_ids is None and _right_padded(attention_mask):
             # Causal attention never lets a real token see the padding after it, and padding carries no label, so a
             # right-padded training batch needs no mask: SDPA / flash attention then take their fast causal path.

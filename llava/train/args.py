@@ -120,6 +120,13 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "Batches hold only image or only text samples, grouped by length."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence packing: several samples per row up to --model_max_length, each with its own positions "
+            "and attention (llava/train/packing.py); --per_device_train_batch_size then counts rows."
+        },
+    )
     # -- flags current transformers renamed or dropped, accepted so the original scripts run unchanged --
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Old form of --warmup_steps <fraction>."})

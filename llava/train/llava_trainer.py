@@ -603,7 +603,14 @@ class LLaVATrainer(Trainer):
         the projector's gradient from it is exactly zero.
         """
         tower = unwrap_llava(self.model).get_vision_tower()
-        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        if inputs.get("attention_mask") is None and "position_ids" in inputs:
+            # Packed rows (--packing) have no mask: the image becomes a sample of its own (position 0) at the end of
+            # row 0, and every other row gets a one-token padding sample, so no other position attends to it.
+            extra = {"position_ids": torch.cat([inputs["position_ids"], torch.zeros_like(ids[:, :1])], dim=1)}
+            mask = torch.ones_like(ids)
+        else:
+            extra, mask = {}, inputs["attention_mask"]
         row = int(mask.sum(dim=1).argmin())
         ids_col = torch.full_like(ids[:, :1], self.processing_class.pad_token_id)
         ids_col[row] = IMAGE_TOKEN_INDEX
@@ -613,10 +620,11 @@ class LLaVATrainer(Trainer):
         return {
             **inputs,
             "input_ids": torch.cat([ids, ids_col], dim=1),
-            "attention_mask": torch.cat([mask, mask_col], dim=1),
+            "attention_mask": torch.cat([mask, mask_col], dim=1) if not extra else None,
             "labels": torch.cat([labels, torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1),
             "images": torch.zeros(1, 3, side, side, device=ids.device),
             "image_sizes": [[side, side]],
+            **extra,
         }
 
     def _track_masked(self, inputs, labels: torch.Tensor) -> None:

@@ -508,6 +508,15 @@ def train(
         check_fsdp(model, training_args, checkpoint_format)
 
     dataset = build_dataset(tokenizer, model, model_args, data_args, training_args)
+    collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
+    if training_args.packing:
+        from llava.train.packing import PackedCollator, PackedDataset
+
+        dataset = PackedDataset(dataset, training_args.model_max_length, training_args.group_by_modality_length)
+        collator = PackedCollator(tokenizer.pad_token_id)
+        logger.info(
+            "Packing: %d samples in %d rows of up to %d positions", len(dataset.dataset), len(dataset), dataset.capacity
+        )
     _write_run_config(model_args, data_args, training_args)
     if training_args.fsdp:
         callbacks = [*(callbacks or []), FsdpReport()]
@@ -515,7 +524,7 @@ def train(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         checkpoint_format=checkpoint_format,
