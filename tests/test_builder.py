@@ -326,3 +326,75 @@ def test_tower_reloaded_from_mm_vision_tower_unless_trained(tiny, trained, caplo
     assert "Using the tower weights stored in the checkpoint" in caplog.text
     stored = load_file(os.path.join(moved, "model.safetensors"))
     torch.testing.assert_close(loaded.state_dict()[key], stored[key], atol=0, rtol=0)
+
+
+def _trainer_model(tiny, kind: str, seed: int):
+    """A tiny model set up to train as a run of checkpoint format `kind` would, its trainable weights perturbed."""
+    model = tiny.model("llama", seed=seed)
+    model.config.conv_template = "llava_v1"
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+        model = get_peft_model(model, cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad = "mm_projector" in name or "lora_" in name or kind == "full"
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "mm_projector" in name or "lm_head" in name):
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["full", "projector", "lora"])
+def test_every_checkpoint_the_trainer_writes_loads_as_is(tiny, kind, tmp_path):
+    """Issue 15, change 6: LLaVATrainer writes each of its formats through llava.model.checkpoint_format; the kind is
+    detected from the files, `load_pretrained_model` loads it with the trained numbers, and the trainer's resume
+    reads it back into a fresh model."""
+    from transformers import TrainingArguments
+
+    from llava.model.checkpoint_format import TRAINER_KINDS, missing_weight_files
+    from llava.train.llava_trainer import LLaVATrainer
+
+    def trainer_for(model, out):
+        args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
+        return LLaVATrainer(model=model, args=args, processing_class=tiny.tokenizer, checkpoint_format=kind)
+
+    assert kind in TRAINER_KINDS
+    model = _trainer_model(tiny, kind, seed=11)
+    expected = logits_of(model, tiny.tokenizer)
+    out = tmp_path / "out"
+    trainer_for(model, out).save_model(str(out))
+
+    assert detect_checkpoint_kind(str(out)).kind == kind
+    assert missing_weight_files(str(out), kind) == []
+    base = None if kind == "full" else tiny.decoder_dirs["llama"]
+    tokenizer, loaded, _, _ = load(str(out), base)
+    torch.testing.assert_close(logits_of(loaded, tokenizer), expected, atol=1e-5, rtol=1e-5)
+    if kind != "full":
+        with pytest.raises(CheckpointError, match="--model-base"):
+            load(str(out))
+
+    fresh = _trainer_model(tiny, kind, seed=12)  # other trained weights, same architecture
+    assert not torch.allclose(logits_of(fresh, tiny.tokenizer), expected)
+    trainer_for(fresh, tmp_path / "resume")._load_from_checkpoint(str(out))
+    torch.testing.assert_close(logits_of(fresh.eval(), tiny.tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_state_with_unknown_or_misshapen_weights_is_an_error(tiny, trained):
+    from llava.model.checkpoint_format import load_trained_state
+
+    model, _ = trained
+    projector = {k: v for k, v in model.state_dict().items() if "mm_projector" in k}
+    with pytest.raises(CheckpointError, match=r"`extra.bin` has weights this model does not have: \['model.nope'\]"):
+        load_trained_state(model, {**projector, "model.nope": torch.zeros(2)}, "extra.bin")
+    norm = "model.norm.weight"
+    with pytest.raises(CheckpointError, match=r"`bad.bin`: shape mismatch for \['model.norm.weight: file \(3,\)"):
+        load_trained_state(model, {**projector, norm: torch.zeros(3)}, "bad.bin")
+    with pytest.raises(ValueError, match="holds no projector weights"):
+        load_trained_state(model, {norm: model.state_dict()[norm]}, "no-projector.bin")
+    # A PeftModel's key prefix is dropped; a state without projector keys is fine when none is required.
+    before = model.state_dict()[norm].clone()
+    loaded = load_trained_state(model, {f"base_model.model.{norm}": before * 1}, "x.bin", require_projector=False)
+    assert loaded.other == [norm] and not loaded.projector
