@@ -76,9 +76,6 @@ def weight_files(path: str) -> list[str]:
     return sorted(f for pattern in WEIGHT_PATTERNS for f in glob.glob(os.path.join(path, pattern)))
 
 
-_weight_files = weight_files
-
-
 def read_config(path: str) -> dict:
     config_file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_file):
