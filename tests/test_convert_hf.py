@@ -200,3 +200,30 @@ def test_import_reads_the_hub_layout(tiny, saved_llama, image_processor, image):
     _, pixels2, logits2 = _ours(model2, tokenizer2, processor2, image)
     assert torch.equal(pixels2, pixels)
     assert _max_diff(logits2, ref) <= TOL
+
+
+def test_import_half_sits_below_the_builder():
+    """Issue 15: the builder loads llava-hf dirs through llava.model.llava_hf, which imports neither the builder nor
+    the export half; the builder does not import the export half (no builder <-> convert_hf cycle)."""
+    code = (
+        "import sys\n"
+        "import llava.model.llava_hf\n"
+        "print(sorted(m for m in ('llava.model.builder', 'llava.model.convert_hf') if m in sys.modules))\n"
+        "import llava.model.builder\n"
+        "print('llava.model.convert_hf' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[]", "False"]
+
+
+def test_cli_import(tiny, saved_llama):
+    hf = export_to_hf(saved_llama, tiny.new_dir("cli-import-src"))
+    dst = tiny.new_dir("cli-import")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "llava.model.convert_hf", "import", "--src", hf, "--dst", dst, "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Wrote {dst}" in proc.stdout
+    config = json.load(open(os.path.join(dst, "config.json")))
+    assert config["architectures"] == ["LlavaLlamaForCausalLM"] and config["unfreeze_mm_vision_tower"] is True
