@@ -306,7 +306,7 @@ def test_train_benchmark_runs_with_equal_start_loss(tmp_path):
     text = run_script(
         "train_throughput.py",
         *("--preset", "tiny", "--train-images", "24", "--batch-size", "4", "--steps", "3", "--warmup-steps", "1"),
-        *("--rounds", "1", "--work-dir", str(tmp_path), "--json-out", str(out)),
+        *("--rounds", "1", "--work-dir", str(tmp_path), "--json-out", str(out), "--stacks", "ours,baseline"),
         *("--mfu", "--mfu-shape", "tiny", "--mfu-batch", "2", "--mfu-text-len", "40", "--peak-tflops", "1"),
     )
     report = json.loads(out.read_text())
@@ -314,6 +314,74 @@ def test_train_benchmark_runs_with_equal_start_loss(tmp_path):
     for run in report["runs"]:
         assert run["samples"] == 2 * 4 and 0 <= run["padding"] < 1 and run["samples_per_s"] > 0
     assert report["mfu"]["mfu"] > 0 and report["mfu"]["model_tflops_per_step"] > 0
+
+
+@pytest.mark.slow  # four training processes
+def test_train_benchmark_peers_packing_bf16_and_roofline(tmp_path):
+    """The TRL recipe starts from our loss, packing trains on (almost) no padding, bf16 runs on a CPU that has it,
+    and every stack reports FLOP/s as a fraction of the measured GEMM peak of its dtype."""
+    from llava.train.args import cpu_bf16_instructions
+
+    stacks = ["ours", "ours_packed", "trl"] + (["ours_bf16"] if cpu_bf16_instructions() else [])
+    out = tmp_path / "train.json"
+    text = run_script(
+        "train_throughput.py",
+        *("--preset", "tiny", "--train-images", "24", "--batch-size", "4", "--steps", "3", "--warmup-steps", "1"),
+        *("--rounds", "1", "--work-dir", str(tmp_path), "--json-out", str(out), "--stacks", ",".join(stacks)),
+        *("--packed-rows", "1"),
+    )
+    report = json.loads(out.read_text())
+    assert report["start_loss_diff"] <= 1e-3 and "same loss at the shared start" in text
+    assert [run["mode"] for run in report["runs"]] == stacks
+    runs = {run["mode"]: run for run in report["runs"]}
+    assert runs["ours_packed"]["padding"] < runs["ours"]["padding"] and runs["ours_packed"]["samples"] > 2
+    assert runs["trl"]["samples"] == 2 * 4 and runs["trl"]["start_loss_diff"] <= 1e-3
+    roof = report["roofline"]
+    assert roof["gemm_flops"] > 0 and roof["read_bytes_per_s"] > 0
+    for mode in stacks:
+        assert 0 < report["medians"][mode]["mfu"] < 1, mode
+    assert "ours / trl" in report["ratios"] and "ours_packed / ours" in report["ratios"]
+    if "ours_bf16" in runs:
+        assert runs["ours_bf16"]["dtype"] == "bfloat16" and runs["ours"]["dtype"] == "float32"
+
+
+def test_roofline_measures_the_machine():
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_common as bc
+    finally:
+        sys.path.remove(BENCH)
+    flops = bc.gemm_peak_flops("float32", threads=1, size=256, seconds=0.05)
+    bandwidth = bc.memory_bandwidth(threads=1, mib=64, seconds=0.05)
+    assert 1e8 < flops < 1e14  # between a slow phone and a large GPU: a rate, not a time
+    assert 1e8 < bandwidth["read"] < 1e13 and 1e8 < bandwidth["copy"] < 1e13
+
+
+def test_packed_sample_lengths_leave_out_padding():
+    sys.path.insert(0, BENCH)
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(BENCH)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    labels = torch.full_like(positions, -100)
+    labels[0, [2, 4]] = 5  # row 0: samples of 3 and 2 positions, then padding (no label)
+    labels[1, [1, 8]] = 5  # row 1: samples of 6 and 3
+    assert train_throughput.packed_sample_lengths(positions, labels) == [3, 2, 6, 3]
+
+
+def test_bf16_on_a_cpu_without_it_names_the_flag(monkeypatch, tmp_path):
+    """--bf16 True trains on CPU where the CPU has bf16 instructions; where it has none the error names the flag.
+    (A CPU without bf16 cannot exist on this machine, so that case replaces the probe of /proc/cpuinfo.)"""
+    import llava.train.args as train_args
+
+    argv = ["--output_dir", str(tmp_path), "--bf16", "True", "--report_to", "none"]
+    if train_args.cpu_bf16_instructions():
+        _, _, training_args = train_args.parse_args(argv)
+        assert training_args.bf16 and training_args.use_cpu
+    monkeypatch.setattr(train_args, "cpu_bf16_instructions", lambda: None)
+    with pytest.raises(ValueError, match=r"--bf16 True.*no bf16 instructions.*--bf16 False"):
+        train_args.parse_args(argv)
 
 
 def test_mfu_flops_of_the_7b_shape():

@@ -209,6 +209,17 @@ def _fsdp_legacy_flags(args: TrainingArguments) -> None:
     args.fsdp = True
 
 
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bf16 instructions (`amx_bf16`, `avx512_bf16`, ARM `bf16`, as /proc/cpuinfo names them),
+    or None. Where /proc/cpuinfo is absent, oneDNN's own bf16 check decides (`onednn`)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except FileNotFoundError:
+        return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return next((name for name in ("amx_bf16", "avx512_bf16", "bf16") if name in flags), None)
+
+
 def _adapt_precision_to_machine(args: TrainingArguments) -> list[str]:
     """Make GPU-only precision flags of the seeds' scripts runnable on a machine without CUDA; say what changed."""
     if torch.cuda.is_available():
@@ -221,6 +232,11 @@ def _adapt_precision_to_machine(args: TrainingArguments) -> list[str]:
         args.fp16 = False
         notes.append("--fp16 True needs a GPU; there is no CUDA here, so training runs in fp32.")
     accelerator = torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if (args.use_cpu or not accelerator) and args.bf16 and cpu_bf16_instructions() is None:
+        raise ValueError(
+            "--bf16 True: this CPU has no bf16 instructions (AMX-BF16, AVX512-BF16 or ARM BF16), so bf16 training "
+            "would be emulated and slower than fp32. Pass --bf16 False to train in fp32 here."
+        )
     if not args.use_cpu and not accelerator:
         args.use_cpu = True
         suffix = " (bf16 autocast on CPU)" if args.bf16 else ""

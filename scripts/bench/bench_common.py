@@ -217,3 +217,73 @@ def thread_env(threads: int | None) -> dict:
         return {}
     n = str(threads)
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+# ------------------------------------------------------------------------------------------------------ roofline
+def gemm_peak_flops(
+    dtype: str = "float32", threads: int | None = None, size: int = 1024, seconds: float = 1.0
+) -> float:
+    """The machine's matrix-multiply rate (FLOP/s) at `dtype` and `threads` (None: the current setting): the best of
+    repeated (size x size) @ (size x size) products over about `seconds`. The roofline's compute ceiling."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dt = getattr(torch, dtype)
+        a = torch.randn(size, size).to(dt)
+        b = torch.randn(size, size).to(dt)
+        torch.mm(a, b)  # first call: kernel selection, page faults
+        best, spent = float("inf"), 0.0
+        while spent < seconds:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
+        return 2 * size**3 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def memory_bandwidth(threads: int | None = None, mib: int = 512, seconds: float = 1.0) -> dict:
+    """The machine's memory bandwidth (bytes/s), best of repeats over about `seconds` on a `mib` MiB float32 tensor
+    (far larger than the caches): `read` sums it (bytes read), `copy` copies it (bytes read + written). Decoding reads
+    the weights once per token, so `read` is its ceiling."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mib * 2**20 // 4)
+        y = torch.empty_like(x)
+        out = {}
+        for name, fn, factor in (("read", lambda: x.sum(), 1), ("copy", lambda: y.copy_(x), 2)):
+            fn()
+            best, spent = float("inf"), 0.0
+            while spent < seconds:
+                start = time.perf_counter()
+                fn()
+                took = time.perf_counter() - start
+                best, spent = min(best, took), spent + took
+            out[name] = factor * x.numel() * 4 / best
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def roofline(dtype: str = "float32", threads: int | None = None) -> dict:
+    """The machine's ceilings for a run: GEMM FLOP/s at `dtype` and bandwidth, at `threads` (None: current)."""
+    bandwidth = memory_bandwidth(threads)
+    return {
+        "dtype": dtype,
+        "threads": threads,
+        "gemm_flops": gemm_peak_flops(dtype, threads),
+        "read_bytes_per_s": bandwidth["read"],
+        "copy_bytes_per_s": bandwidth["copy"],
+    }

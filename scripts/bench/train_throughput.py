@@ -1,22 +1,28 @@
-"""Training benchmark: our `train()` against transformers' `LlavaForConditionalGeneration` + HF `Trainer`, same data,
-same model, same machine, same run.
+"""Training benchmark: our `train()` against the stacks users would run instead, same data, same starting weights,
+same machine, same run.
 
-Both sides train stage 2 (projector and LLM learn, the vision tower is frozen) on the demo generator's data
+Every stack trains stage 2 (projector and LLM learn, the vision tower is frozen) on the demo generator's data
 (`llava.demo.data`, by default its `llava665k` mix: short VQA, many-question, conversation and detailed-description
 records about images plus text-only chats, lengths varying as in llava_v1_5_mix665k), starting from the same weights,
 for the same number of steps at the same batch size:
 
-  ours      `llava.train.train.train(...)` with `--group_by_modality_length True`, as scripts/v1_5/finetune.sh
-  baseline  the same model converted to `LlavaForConditionalGeneration` (`llava.model.convert_hf.build_hf_model`),
-            HF `Trainer` with its default random sampler and a plain collator that pads each batch to its longest
-            sample (the "LLaVA on a budget" recipe); it reads the same tokenized samples and pixels as ours
+  ours         `llava.train.train.train(...)` with `--group_by_modality_length True`, as scripts/v1_5/finetune.sh
+  ours_packed  the same with `--packing True` (`--packed-rows` rows of 2048 positions per step)
+  ours_bf16    the same with `--bf16 True` (on CPU: bf16 autocast, where the CPU has AVX512-BF16 / AMX)
+  baseline     the same model converted to `LlavaForConditionalGeneration` (`llava.model.convert_hf.build_hf_model`),
+               HF `Trainer` with its default random sampler and a plain collator that pads each batch to its longest
+               sample (the "LLaVA on a budget" recipe); it reads the same tokenized samples and pixels as ours
+  trl          the seed-003 recipe: the model exported with `convert_hf`, TRL `SFTTrainer` and its vision-language
+               collator on the records as HF `messages`/`images` (scripts/bench/train_trl.py)
 
-Rounds alternate ours / baseline, each run in a fresh process (so peak memory is its own). Printed per side, medians
-over rounds: samples/s, supervised tokens/s, padding (share of the positions the decoder computes that are padding),
-peak memory, and ours / baseline.
+Rounds alternate the order of the stacks, each run in a fresh process (so peak memory is its own). Printed per stack,
+medians over rounds: samples/s, supervised tokens/s, padding (share of the positions the decoder computes that are
+padding), peak memory, model FLOP/s and, on CPU, that as a fraction of the GEMM peak measured at the run's dtype and
+thread count (`bench_common.roofline`); then the samples/s ratios and the loss check at the shared start.
 
-    python scripts/bench/train_throughput.py                                   # CPU: `small` model, about 12 minutes
+    python scripts/bench/train_throughput.py                                   # CPU: `small` model, all stacks
     python scripts/bench/train_throughput.py --preset tiny --steps 3 --warmup-steps 1 --rounds 1 --train-images 40
+    python scripts/bench/train_throughput.py --stacks ours,trl --rounds 3      # just the TRL comparison
     python scripts/bench/train_throughput.py --device cuda --preset medium --batch-size 16
     python scripts/bench/train_throughput.py --device cuda --mfu-only          # MFU of a 7B-shape stage-2 step
 
@@ -95,7 +101,9 @@ class RunResult:
     padding: float
     peak_memory_mb: float
     final_loss: float | None
-    start_loss_diff: float | None = None  # baseline only: |its loss - ours| on one batch at the shared start
+    start_loss_diff: float | None = None  # peers only: |its loss - ours| on one batch at the shared start
+    model_flops_per_s: float = 0.0  # see `Meter.model_flops`
+    dtype: str = "float32"
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
@@ -188,6 +196,9 @@ class Meter:
         self.measuring = False
         self.start = self.end = 0.0
         self.steps = self.samples = self.positions = self.real = self.supervised = 0
+        self.squares = self.images = 0  # sum of squared sample lengths (attention), images encoded
+        self.params = {"decoder": 0, "tower": 0, "projector": 0}
+        self.layers_x_hidden = self.patches = 0
 
     def callback(self):
         from transformers import TrainerCallback
@@ -223,16 +234,20 @@ class Meter:
         splicing returns (our model hands the decoder no mask for right-padded batches)."""
         from llava.constants import IGNORE_INDEX
 
+        self._flop_model(top)
+
         def on_top(module, args, kwargs):
             labels = kwargs.get("labels")
             if self.measuring and labels is not None and module.training:
                 self.supervised += int((labels[:, 1:] != IGNORE_INDEX).sum())  # the loss predicts tokens 1..T-1
-                self.samples += labels.shape[0]
+                if not _packed(kwargs):  # packed rows: samples are counted where they are split (below)
+                    self.samples += labels.shape[0]
+                images = kwargs.get("images", kwargs.get("pixel_values"))
+                self.images += 0 if images is None else len(images)
 
         def count(mask) -> None:
             if self.measuring and top.training and mask is not None and mask.dim() == 2:
-                self.positions += mask.numel()
-                self.real += int(mask.sum())
+                self._count_lengths(mask.sum(dim=1).tolist(), mask.numel())
 
         top.register_forward_pre_hook(on_top, with_kwargs=True)
         if decoder is not None:
@@ -244,12 +259,47 @@ class Meter:
 
         def counted_splice(*args, **kwargs):
             out = splice(*args, **kwargs)
-            count(out[2])  # (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels)
+            # (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels)
+            if out[2] is None and out[1] is not None and self.measuring and top.training:  # packed rows
+                lengths = packed_sample_lengths(out[1], out[5])
+                self.samples += len(lengths)
+                self._count_lengths(lengths, out[1].numel())
+            else:
+                count(out[2])
             return out
 
         top.prepare_inputs_labels_for_multimodal = counted_splice  # instrumentation of this benchmark only
 
-    def result(self, mode: str, loss: float | None) -> RunResult:
+    def _count_lengths(self, lengths: list[int], positions: int) -> None:
+        self.positions += positions
+        self.real += sum(lengths)
+        self.squares += sum(n * n for n in lengths)
+
+    def _flop_model(self, model) -> None:
+        """Parameter counts by part (input embeddings left out: a lookup) and the shapes attention FLOPs need."""
+        for name, p in model.named_parameters():
+            if "vision_tower" in name:
+                self.params["tower"] += p.numel()
+            elif "mm_projector" in name or "multi_modal_projector" in name:
+                self.params["projector"] += p.numel()
+            elif "embed_tokens" not in name:
+                self.params["decoder"] += p.numel()
+        config = model.config.get_text_config()
+        self.layers_x_hidden = config.num_hidden_layers * config.hidden_size
+        vision = getattr(model.config, "vision_config", None) or getattr(model.config, "mm_vision_tower_config", None)
+        vision = vision if isinstance(vision, dict) else vision.to_dict()
+        self.patches = (vision["image_size"] // vision["patch_size"]) ** 2
+
+    def model_flops(self) -> float:
+        """FLOPs of the measured steps, counted as `mfu_flops` does: decoder 6 x parameters per real (non-padding)
+        position plus attention 12 x layers x hidden x length per position of each sample; projector 6 x its
+        parameters per image feature; the frozen tower 2 x its parameters per patch (+ CLS), forward only."""
+        p = self.params
+        decoder = 6 * p["decoder"] * self.real + 12 * self.layers_x_hidden * self.squares
+        images = self.images * (2 * p["tower"] * (self.patches + 1) + 6 * p["projector"] * self.patches)
+        return decoder + images
+
+    def result(self, mode: str, loss: float | None, dtype: str = "float32") -> RunResult:
         seconds = max(self.end - self.start, 1e-9)
         return RunResult(
             mode=mode,
@@ -262,7 +312,24 @@ class Meter:
             padding=1 - self.real / max(self.positions, 1),
             peak_memory_mb=peak_memory_mb(self.device),
             final_loss=loss,
+            model_flops_per_s=self.model_flops() / seconds,
+            dtype=dtype,
         )
+
+
+def _packed(kwargs: dict) -> bool:
+    return kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None
+
+
+def packed_sample_lengths(position_ids, labels) -> list[int]:
+    """Lengths of the samples in packed rows (positions restart per sample); the padding (no label) is left out."""
+    from llava.constants import IGNORE_INDEX
+
+    out = []
+    for pos, lab in zip(position_ids.tolist(), labels.tolist()):
+        starts = [0] + [i for i in range(1, len(pos)) if pos[i] - pos[i - 1] != 1] + [len(pos)]
+        out += [b - a for a, b in zip(starts, starts[1:]) if any(x != IGNORE_INDEX for x in lab[a:b])]
+    return out
 
 
 def peak_memory_mb(device: str) -> float:
@@ -281,7 +348,15 @@ def _last_loss(trainer) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------------- ours
-def run_ours(spec: dict) -> RunResult:
+# Our stack's variants: extra flags of `llava.train.train`.
+OURS_VARIANTS = {
+    "ours": {},
+    "ours_packed": {"packing": "True"},  # rows of --model_max_length; --packed-rows of them per step
+    "ours_bf16": {"bf16": "True"},  # CPU: bf16 autocast (needs AVX512-BF16 / AMX); fp32 weights and optimizer
+}
+
+
+def run_ours(spec: dict, mode: str = "ours") -> RunResult:
     from transformers import TrainerCallback
 
     from llava.train.llava_trainer import unwrap_llava
@@ -293,9 +368,20 @@ def run_ours(spec: dict) -> RunResult:
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             meter.attach(unwrap_llava(model))
 
+    extra = dict(OURS_VARIANTS[mode])
+    if mode == "ours_packed":
+        extra["per_device_train_batch_size"] = str(spec["packed_rows"])
+    flags = train_flags(spec, "OUT")
+    for key, value in extra.items():
+        if f"--{key}" in flags:
+            flags[flags.index(f"--{key}") + 1] = value
+        else:
+            flags += [f"--{key}", value]
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as out:
-        trainer = train(train_flags(spec, out), callbacks=[AttachMeter(), meter.callback()])
-    return meter.result("ours", _last_loss(trainer))
+        flags[flags.index("OUT")] = out
+        trainer = train(flags, callbacks=[AttachMeter(), meter.callback()])
+    dtype = "bfloat16" if trainer.args.bf16 else "float32"
+    return meter.result(mode, _last_loss(trainer), dtype)
 
 
 # ----------------------------------------------------------------------------------------------------- baseline
@@ -558,7 +644,25 @@ def run_mfu(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-RUNNERS = {"ours": run_ours, "baseline": run_baseline, "mfu": run_mfu}
+def run_trl(spec: dict) -> RunResult:
+    from train_trl import run_trl_recipe
+
+    return run_trl_recipe(spec, Meter(spec["warmup"], spec["device"]), train_flags, _loss, _last_loss)
+
+
+RUNNERS = {
+    **{mode: (lambda spec, mode=mode: run_ours(spec, mode)) for mode in OURS_VARIANTS},
+    "baseline": run_baseline,
+    "trl": run_trl,
+    "mfu": run_mfu,
+}
+STACK_NAMES = {
+    "ours": "ours: `llava.train.train`",
+    "ours_packed": "ours, `--packing True`",
+    "ours_bf16": "ours, `--bf16 True`",
+    "baseline": "HF `LlavaForConditionalGeneration` + `Trainer`",
+    "trl": "TRL `SFTTrainer` + `LlavaForConditionalGeneration` (seed-003 recipe)",
+}
 
 
 def child(mode: str, spec: dict) -> int:
@@ -618,7 +722,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "batches, ours with the longest one first).",
     )
     p.add_argument("--warmup-steps", type=int, default=0, help="Steps not timed at the start of each run.")
-    p.add_argument("--rounds", type=int, default=2, help="Alternating ours / baseline rounds; medians are reported.")
+    p.add_argument("--rounds", type=int, default=2, help="Alternating rounds over the stacks; medians are reported.")
+    p.add_argument(
+        "--stacks",
+        default=",".join(STACK_NAMES),
+        help=f"Comma-separated stacks to run, in round order (default: all): {', '.join(STACK_NAMES)}.",
+    )
+    p.add_argument(
+        "--packed-rows",
+        type=int,
+        default=2,
+        help="Rows per step for ours_packed (rows of --model_max_length 2048 positions; 2 hold about as many "
+        "samples as a batch of 16 of the llava665k mix at the small preset).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="Where data and models go (default: a temp dir).")
     p.add_argument("--json-out", default=None)
@@ -632,9 +748,101 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.stacks = [m.strip() for m in args.stacks.split(",") if m.strip()]
+    unknown = [m for m in args.stacks if m not in STACK_NAMES]
+    if unknown or not args.stacks:
+        p.error(f"--stacks: unknown {unknown}; choose from {', '.join(STACK_NAMES)}.")
     if args.warmup_steps >= args.steps:
         p.error(f"--warmup-steps {args.warmup_steps} must be below --steps {args.steps}.")
     return args
+
+
+def measure_machine(threads: int | None) -> dict:
+    """The roofline of this run: GEMM peaks at fp32 and bf16 and the memory bandwidth, at the runs' thread count."""
+    import torch
+
+    roof = bc.roofline("float32", threads)
+    roof["gemm_flops_bfloat16"] = bc.gemm_peak_flops("bfloat16", threads) if torch.backends.mkldnn.is_available() else 0
+    return roof
+
+
+def run_stacks(args, spec: dict, log_dir: str, report: dict, failures: list[str]) -> None:
+    """Alternating rounds over the stacks, medians, ratios, the shared-start loss check and CPU MFU."""
+    stacks = args.stacks
+    roof = measure_machine(spec["threads"] or None) if args.device == "cpu" else {}
+    if roof:
+        print(
+            f"roofline ({spec['threads'] or 'default'} threads): GEMM {roof['gemm_flops'] / 1e9:.1f} GFLOP/s fp32, "
+            f"{roof['gemm_flops_bfloat16'] / 1e9:.1f} GFLOP/s bf16; memory {roof['read_bytes_per_s'] / 1e9:.1f} "
+            f"GB/s read, {roof['copy_bytes_per_s'] / 1e9:.1f} GB/s copy\n",
+            flush=True,
+        )
+    runs = []
+    for r in range(args.rounds):
+        # Each round its own training seed (sample order, projector init), the same for every stack.
+        round_spec = {**spec, "seed": args.seed + r}
+        for mode in stacks if r % 2 == 0 else stacks[::-1]:
+            result = spawn(mode, round_spec, log_dir, len(runs))
+            runs.append(result)
+            print(
+                f"round {r} {mode:11s} {result['samples_per_s']:7.2f} samples/s "
+                f"{result['supervised_tokens_per_s']:8.1f} supervised tok/s  padding {100 * result['padding']:5.1f}%"
+                f"  peak {result['peak_memory_mb']:7.0f} MiB  loss {result['final_loss']}",
+                flush=True,
+            )
+    keys = (
+        "samples_per_s",
+        "supervised_tokens_per_s",
+        "tokens_per_s",
+        "padding",
+        "peak_memory_mb",
+        "model_flops_per_s",
+    )
+    med = {m: {k: bc.median([x[k] for x in runs if x["mode"] == m]) for k in keys} for m in stacks}
+    for m in stacks:
+        dtype = next(x["dtype"] for x in runs if x["mode"] == m)
+        peak = roof.get("gemm_flops" if dtype == "float32" else "gemm_flops_bfloat16")
+        med[m]["mfu"] = med[m]["model_flops_per_s"] / peak if peak else None
+    rows = [
+        [
+            STACK_NAMES[m],
+            f"{v['samples_per_s']:.2f}",
+            f"{v['supervised_tokens_per_s']:.0f}",
+            f"{v['tokens_per_s']:.0f}",
+            f"{100 * v['padding']:.1f}%",
+            f"{v['peak_memory_mb']:.0f}",
+            f"{v['model_flops_per_s'] / 1e9:.2f}",
+            "-" if v["mfu"] is None else f"{100 * v['mfu']:.1f}%",
+        ]
+        for m, v in med.items()
+    ]
+    print(f"\n## Training throughput ({args.preset} model, batch {args.batch_size}, medians of {args.rounds} rounds)\n")
+    header = ["stack", "samples/s", "supervised tok/s", "tok/s (non-pad)", "padding", "peak MiB", "GFLOP/s", "MFU"]
+    print(bc.table(rows, header))
+    ratios = {
+        f"{a} / {b}": med[a]["samples_per_s"] / med[b]["samples_per_s"]
+        for a, b in (
+            ("ours", "baseline"),
+            ("ours", "trl"),
+            ("ours_packed", "trl"),
+            ("ours_packed", "ours"),
+            ("ours_bf16", "ours"),
+        )
+        if a in med and b in med
+    }
+    print("\nsamples/s ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    report.update(runs=runs, medians=med, ratios=ratios, roofline=roof)
+    if "ours" in med and "baseline" in med:
+        report["ratio"] = ratios["ours / baseline"]
+        report["token_ratio"] = med["ours"]["tokens_per_s"] / med["baseline"]["tokens_per_s"]
+    diffs = [x["start_loss_diff"] for x in runs if x.get("start_loss_diff") is not None]
+    if diffs:
+        diff = max(diffs)
+        parity_ok = diff <= LOSS_PARITY_TOL
+        print(f"same loss at the shared start (one batch, ours vs each peer): {parity_ok} (|difference| {diff:.2e})")
+        report["start_loss_diff"] = diff
+        if not parity_ok:
+            failures.append(f"a peer disagrees with ours on the starting loss by {diff:.2e} (> {LOSS_PARITY_TOL})")
 
 
 def main(argv=None) -> int:
@@ -661,6 +869,7 @@ def main(argv=None) -> int:
         "mfu_text_len": args.mfu_text_len,
         "mfu_checkpointing": args.mfu_checkpointing,
         "peak_tflops": args.peak_tflops,
+        "packed_rows": args.packed_rows,
     }
     print(f"# Training benchmark\nmachine: {bc.machine()}\nargs: {vars(args)}\n", flush=True)
     report: dict = {"machine": bc.machine(), "args": vars(args)}
@@ -668,50 +877,7 @@ def main(argv=None) -> int:
 
     if not args.mfu_only:
         spec.update(prepare(args))
-        runs = []
-        for r in range(args.rounds):
-            # Each round its own training seed (sample order, projector init), the same for both stacks.
-            round_spec = {**spec, "seed": args.seed + r}
-            for mode in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
-                result = spawn(mode, round_spec, log_dir, len(runs))
-                runs.append(result)
-                print(
-                    f"round {r} {mode:8s} {result['samples_per_s']:7.2f} samples/s "
-                    f"{result['supervised_tokens_per_s']:8.1f} supervised tok/s  padding {100 * result['padding']:5.1f}%"
-                    f"  peak {result['peak_memory_mb']:7.0f} MiB  loss {result['final_loss']}",
-                    flush=True,
-                )
-        keys = ("samples_per_s", "supervised_tokens_per_s", "tokens_per_s", "padding", "peak_memory_mb")
-        med = {m: {k: bc.median([x[k] for x in runs if x["mode"] == m]) for k in keys} for m in ("baseline", "ours")}
-        rows = []
-        for m in ("baseline", "ours"):
-            v = med[m]
-            rows.append(
-                [
-                    "HF `LlavaForConditionalGeneration` + `Trainer`"
-                    if m == "baseline"
-                    else "ours: `llava.train.train`",
-                    f"{v['samples_per_s']:.2f}",
-                    f"{v['supervised_tokens_per_s']:.0f}",
-                    f"{v['tokens_per_s']:.0f}",
-                    f"{100 * v['padding']:.1f}%",
-                    f"{v['peak_memory_mb']:.0f}",
-                ]
-            )
-        ratio = med["ours"]["samples_per_s"] / med["baseline"]["samples_per_s"]
-        print(
-            f"\n## Training throughput ({args.preset} model, batch {args.batch_size}, medians of {args.rounds} rounds)\n"
-        )
-        header = ["stack", "samples/s", "supervised tok/s", "tok/s (non-pad)", "padding", "peak MiB"]
-        print(bc.table(rows, header))
-        token_ratio = med["ours"]["tokens_per_s"] / med["baseline"]["tokens_per_s"]
-        print(f"\nours / baseline: {ratio:.2f}x samples/s, {token_ratio:.2f}x non-padding tokens/s")
-        diff = max(x["start_loss_diff"] for x in runs if x["mode"] == "baseline")
-        parity_ok = diff <= LOSS_PARITY_TOL
-        print(f"same loss at the shared start (one batch, ours vs baseline): {parity_ok} (|difference| {diff:.2e})")
-        report.update(runs=runs, medians=med, ratio=ratio, token_ratio=token_ratio, start_loss_diff=diff)
-        if not parity_ok:
-            failures.append(f"the two stacks disagree on the starting loss by {diff:.2e} (> {LOSS_PARITY_TOL})")
+        run_stacks(args, spec, log_dir, report, failures)
 
     if args.mfu or args.mfu_only:
         if args.device != "cuda" and args.mfu_shape == "7b":
