@@ -379,3 +379,32 @@ def test_safe_save_model_for_hf_trainer_writes_a_loadable_checkpoint(tiny, tmp_p
     assert trained.keys() == loaded.keys()
     for key in trained:
         torch.testing.assert_close(loaded[key], trained[key].to(loaded[key].dtype), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- llava.train.llava_trainer
+
+
+def test_llava_trainer_keeps_the_original_sampler_names():
+    """The original's llava_trainer helpers, with its signatures: a permutation grouped per `batch_size * world_size`."""
+    import torch
+
+    from llava.train.llava_trainer import (  # noqa: F401
+        LengthGroupedSampler,
+        LLaVATrainer,
+        get_length_grouped_indices,
+        get_modality_length_grouped_indices,
+        split_to_even_chunks,
+    )
+
+    lengths = [5, -3, 8, -1, 2, -7, 9, 4, -2, 6, 1, -5]  # 7 image samples (positive), 5 text-only
+    order = get_modality_length_grouped_indices(lengths, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths)))
+    runs = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert [len({lengths[i] > 0 for i in run}) for run in runs[:-1]] == [1, 1]  # the last run joins the leftovers
+    sizes = [abs(n) for n in lengths]
+    order = get_length_grouped_indices(sizes, 2, 2, generator=torch.Generator().manual_seed(0), merge=True)
+    assert sorted(order) == list(range(len(lengths)))
+    assert split_to_even_chunks([0, 1, 2, 3, 4], sizes, 2) == [[0, 2, 4], [1, 3]]
+    chunks = split_to_even_chunks([6, 2, 5, 0], sizes, 2)
+    assert sorted(len(c) for c in chunks) == [2, 2]
+    assert sorted(sum(sizes[i] for i in c) for c in chunks) == [14, 15]

@@ -50,8 +50,11 @@ from llava.train.sampler import (  # noqa: F401  (re-exported: earlier home of t
     EXACT_LENGTHS_MAX,
     LENGTH_GROUP_POOL,
     LengthGroupedSampler,
+    get_length_grouped_indices,
+    get_modality_length_grouped_indices,
     length_grouped_indices,
     modality_grouped_indices,
+    split_to_even_chunks,
 )
 
 logger = logging.getLogger(__name__)

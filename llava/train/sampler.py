@@ -110,3 +110,34 @@ class LengthGroupedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         fn = modality_grouped_indices if self.group_by_modality else length_grouped_indices
         return iter(fn(self.lengths, self.batch_size, self.groups, g))
+
+
+# The original's helper names (haotian-liu/LLaVA llava/train/llava_trainer.py), with its signatures and contract: a
+# permutation of the samples in which each run of `batch_size * world_size` holds similar lengths (and, for the
+# modality version, one modality). The order within that contract is this module's, not the original's.
+
+
+def split_to_even_chunks(indices: list[int], lengths: Sequence[int], num_chunks: int) -> list[list[int]]:
+    """`indices` split into `num_chunks` lists: equal sizes with similar total length, or dealt out in turn when the
+    count does not divide evenly (as the original does)."""
+    if len(indices) % num_chunks:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    return _split_balanced(indices, lengths, num_chunks)
+
+
+def get_length_grouped_indices(
+    lengths: Sequence[int],
+    batch_size: int,
+    world_size: int,
+    generator: torch.Generator | None = None,
+    merge: bool = True,
+) -> list[int]:
+    """`length_grouped_indices` under the original's name; `merge` is accepted and has no effect (as there)."""
+    return length_grouped_indices(lengths, batch_size, world_size, generator)
+
+
+def get_modality_length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
+) -> list[int]:
+    """`modality_grouped_indices` under the original's name (positive lengths: image samples, negative: text)."""
+    return modality_grouped_indices(lengths, batch_size, world_size, generator)
