@@ -1,38 +1,41 @@
 """`load_pretrained_model`: the one loader behind every entry point, for every checkpoint kind LLaVA users have.
 
-Kinds, decided from the directory's files and config (never from its name):
+Kinds, decided from the directory's files and config (never from its name) by `llava.model.checkpoint_format`:
   full       an HF decoder dir whose config adds `mm_vision_tower` etc. (LLaVA-1.5/1.6 releases, our full fine-tunes)
   projector  stage-1 output: `config.json` + `mm_projector.bin`, loaded on top of `model_base`
   lora       `adapter_config.json` + adapter weights + `non_lora_trainables.bin`, loaded on top of `model_base`
-  hf         llava-hf (`LlavaForConditionalGeneration`), converted to our classes on load
+  hf         llava-hf (`LlavaForConditionalGeneration`), converted to our classes on load (`llava.model.llava_hf`)
   text       a plain decoder with no vision tower (language-only)
 """
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 
 import torch
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.conversation import conv_templates, guess_conv_mode
-from llava.model.language_model import decoder_for_config
-from llava.model.llava_arch import (
-    load_projector_weights,
-    resize_embeddings_to_mean,
-    restore_token_rows,
-    start_end_token_ids,
+from llava.model.checkpoint_format import (  # noqa: F401  (re-exported: their earlier home)
+    TOKENIZER_FILES,
+    WEIGHT_PATTERNS,
+    CheckpointError,
+    CheckpointInfo,
+    detect_checkpoint_kind,
+    load_trained_state,
+    read_config,
+    read_trained_state,
 )
+from llava.model.language_model import decoder_for_config
+from llava.model.llava_arch import resize_embeddings_to_mean, start_end_token_ids
+from llava.model.llava_hf import import_from_hf
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "model*.bin")
 # Architecture fields a LoRA's base must share with the model the LoRA was trained on.
 BASE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 # Never quantized (matched from the start of module names): projector and tower under LLaMA-style (`model.`) and
@@ -44,21 +47,6 @@ QUANT_SKIP_MODULES = (
     "transformer.vision_tower",
     "lm_head",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete or does not fit the model it is loaded into."""
-
-
-@dataclass
-class CheckpointInfo:
-    path: str
-    kind: str  # full | projector | lora | hf | text
-    config: dict
-
-
-def _weight_files(path: str) -> list[str]:
-    return sorted(f for pattern in WEIGHT_PATTERNS for f in glob.glob(os.path.join(path, pattern)))
 
 
 def resolve_local(path_or_id: str, what: str = "model_path") -> str:
@@ -75,38 +63,6 @@ def resolve_local(path_or_id: str, what: str = "model_path") -> str:
             f"`{path_or_id}` ({what}) is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Pass a local directory."
         ) from err
-
-
-def read_config(path: str) -> dict:
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise CheckpointError(f"`{path}` has no config.json; files there: {sorted(os.listdir(path))[:20]}.")
-    with open(config_file) as f:
-        return json.load(f)
-
-
-def detect_checkpoint_kind(path: str) -> CheckpointInfo:
-    """Classify a local checkpoint directory by its files and config."""
-    files = set(os.listdir(path))
-    if "adapter_config.json" in files:
-        return CheckpointInfo(path, "lora", read_config(path) if "config.json" in files else {})
-    config = read_config(path)
-    archs = config.get("architectures") or []
-    if "LlavaForConditionalGeneration" in archs or (config.get("model_type") == "llava" and "text_config" in config):
-        return CheckpointInfo(path, "hf", config)
-    has_weights = bool(_weight_files(path))
-    if not config.get("mm_vision_tower"):
-        if has_weights:
-            return CheckpointInfo(path, "text", config)
-        raise CheckpointError(f"`{path}` has a config.json but no weights and no `mm_vision_tower`.")
-    if has_weights:
-        return CheckpointInfo(path, "full", config)
-    if "mm_projector.bin" in files:
-        return CheckpointInfo(path, "projector", config)
-    raise CheckpointError(
-        f"`{path}`: config.json names a vision tower but there are no model weights ({', '.join(WEIGHT_PATTERNS)}) "
-        "and no `mm_projector.bin`. Is the directory complete?"
-    )
 
 
 def _config_object(spec, config: dict, vision_tower: str | None):
@@ -239,9 +195,7 @@ def load_tokenizer(*dirs: str):
     from transformers import AutoTokenizer
 
     for d in dirs:
-        if d and any(
-            os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-        ):
+        if d and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
             return AutoTokenizer.from_pretrained(d, **tokenizer_kwargs(d))
     raise CheckpointError(f"No tokenizer files in {[d for d in dirs if d]}.")
 
@@ -338,8 +292,6 @@ def load_pretrained_model(
     base = resolve_local(model_base, "model_base") if model_base else None
 
     if info.kind == "hf":
-        from llava.model.convert_hf import import_from_hf
-
         with tempfile.TemporaryDirectory(prefix="llava-hf-import-") as tmp:
             import_from_hf(path, tmp)
             out = load_pretrained_model(
@@ -387,8 +339,7 @@ def load_pretrained_model(
         tokenizer = _load_tokenizer(path, base)
     elif info.kind == "projector":
         model, tower_missing = _from_pretrained(spec, base, config, load_kwargs, expect_missing=("tower", "projector"))
-        stage1_state = torch.load(os.path.join(path, "mm_projector.bin"), map_location="cpu", weights_only=True)
-        load_projector_weights(model.get_model().mm_projector, stage1_state, os.path.join(path, "mm_projector.bin"))
+        stage1_state = read_trained_state(path, "projector")  # loaded once the embeddings have their final size
         tokenizer = _load_tokenizer(path, base)
     else:  # lora
         _check_lora_base(path, info.config, base)
@@ -398,10 +349,13 @@ def load_pretrained_model(
         tower_missing = tower_missing and not tower_stored
 
     image_processor = _finish_multimodal(_unwrap(model), tokenizer, tower_missing, trained_vocab)
-    if stage1_state is not None and getattr(config, "mm_use_im_start_end", False):
-        # A stage-1 run with --mm_use_im_start_end also trained the <im_start>/<im_end> embedding rows.
-        source = os.path.join(path, "mm_projector.bin")
-        if not restore_token_rows(model, stage1_state, start_end_token_ids(tokenizer), source):
+    if stage1_state is not None:
+        # A stage-1 run with --mm_use_im_start_end also trained the <im_start>/<im_end> embedding rows: only those
+        # rows are taken, as the original's stage 2 does.
+        start_end = getattr(config, "mm_use_im_start_end", False)
+        state, source = stage1_state
+        token_ids = start_end_token_ids(tokenizer) if start_end else ()
+        if not load_trained_state(model, state, source, token_ids=token_ids).token_rows and start_end:
             raise CheckpointError(
                 f"`{source}` comes from a run with `mm_use_im_start_end` but holds no input-embedding rows for "
                 "<im_start>/<im_end>; the stage-1 run is incomplete."
@@ -455,27 +409,8 @@ def adapter_module_names(lora_dir: str) -> list[str]:
 def _apply_lora(model, lora_dir: str, merge: bool):
     """Load `non_lora_trainables.bin` and the adapter onto `model`; returns (model, whether tower weights came
     with the non-LoRA weights)."""
-    non_lora_file = os.path.join(lora_dir, "non_lora_trainables.bin")
-    if not os.path.isfile(non_lora_file):
-        raise CheckpointError(
-            f"LoRA dir `{lora_dir}` has no `non_lora_trainables.bin` (the trained projector). Is the run complete?"
-        )
-    state = torch.load(non_lora_file, map_location="cpu", weights_only=True)
-    # Saved from a PeftModel: keys are `base_model.model.<name>` (older runs sometimes `model.model.<name>`).
-    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    if any(k.startswith("model.model.") for k in state):
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-    load_projector_weights(model.get_model().mm_projector, state, non_lora_file)
-    rest = {k: v for k, v in state.items() if "mm_projector." not in k}
-    if rest:
-        own = model.state_dict()
-        unknown = sorted(k for k in rest if k not in own)
-        if unknown:
-            raise CheckpointError(f"`{non_lora_file}` has weights this model does not have: {unknown[:5]}.")
-        wrong = [k for k in rest if own[k].shape != rest[k].shape]
-        if wrong:
-            raise CheckpointError(f"`{non_lora_file}`: shape mismatch for {wrong[:5]}.")
-        model.load_state_dict(rest, strict=False)
+    state, source = read_trained_state(lora_dir, "lora")
+    loaded = load_trained_state(model, state, source)
 
     from peft import PeftConfig, PeftModel
 
@@ -487,7 +422,7 @@ def _apply_lora(model, lora_dir: str, merge: bool):
     model = PeftModel.from_pretrained(model, lora_dir, config=peft_config)
     if merge:
         model = model.merge_and_unload()
-    return model, any(_is_tower_key(k) for k in rest)
+    return model, any(_is_tower_key(k) for k in loaded.other)
 
 
 def get_conv_mode(model_config, model_path: str = "", override: str | None = None) -> str:
