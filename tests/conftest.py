@@ -56,21 +56,17 @@ class Tiny:
 
     def model(self, family: str = "llama", seed: int = 0, image_aspect_ratio: str = "square", **overrides):
         """A tiny LLaVA model on `family` with a randomly initialised (seeded) projector."""
-        from llava.model import DECODERS
+        from llava.model.assemble import PromptSpec, build_llava, specs_from_args
 
-        cls = DECODERS[family].causal_lm_cls
-        model = cls.from_pretrained(self.decoder_dirs[family])
-        torch.manual_seed(seed)
         args = vision_args(self.clip_dir, **overrides)
-        model.get_model().initialize_vision_modules(args)
-        model.config.image_aspect_ratio = image_aspect_ratio
-        for key in ("image_grid_pinpoints",):
-            if key in overrides:
-                setattr(model.config, key, overrides[key])
-        model.config.mm_use_im_start_end = args.mm_use_im_start_end
-        model.config.mm_use_im_patch_token = args.mm_use_im_patch_token
-        model.config.tokenizer_padding_side = "right"
-        model.config.tokenizer_model_max_length = 2048
+        vision, projector, _ = specs_from_args(args)
+        prompt = PromptSpec(
+            image_aspect_ratio=image_aspect_ratio,
+            image_grid_pinpoints=overrides.get("image_grid_pinpoints"),
+            mm_use_im_start_end=args.mm_use_im_start_end,
+            mm_use_im_patch_token=args.mm_use_im_patch_token,
+        )
+        model = build_llava(self.decoder_dirs[family], vision, projector, prompt, seed=seed)
         model.eval()
         return model
 

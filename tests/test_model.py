@@ -261,3 +261,150 @@ def test_im_start_end_tokens_added_at_mean(tiny):
     assert after.shape[0] == before.shape[0] + 3
     torch.testing.assert_close(after[-1], before.mean(0))
     assert after.requires_grad and not model.get_output_embeddings().weight.requires_grad
+
+
+# ------------------------------------------------------------------------------- assembler, parts, families, loader
+
+
+def test_build_llava_writes_every_multimodal_field_once(tiny):
+    from llava.model.assemble import ProjectorSpec, PromptSpec, VisionSpec, build_llava, multimodal_fields
+
+    vision = VisionSpec(tiny.clip_dir, select_layer=-2, select_feature="cls_patch")
+    projector = ProjectorSpec("mlp3x_gelu", "spatial_unpad")
+    prompt = PromptSpec("anyres", "[[32, 64], [64, 32]]", True, True, "left", 99)
+    model = build_llava(tiny.decoder_dirs["llama"], vision, projector, prompt, record={"conv_template": "v1"}, seed=3)
+    config = model.config
+    expected = multimodal_fields(vision, projector, prompt)
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert set(expected) >= {"mm_vision_tower", "mm_projector_type", "image_grid_pinpoints", "tokenizer_padding_side"}
+    assert config.mm_hidden_size == model.get_vision_tower().hidden_size == 32
+    assert config.mm_vision_tower_config["model_type"] == "clip_vision_model"
+    assert config.conv_template == "v1"
+    assert len(model.get_model().mm_projector) == 5 and model.get_model().image_newline.shape == (64,)
+    # The seed decides the new projector: the same seed twice gives the same weights, another seed does not.
+    again = build_llava(tiny.decoder_dirs["llama"], vision, projector, prompt, seed=3)
+    other = build_llava(tiny.decoder_dirs["llama"], vision, projector, prompt, seed=4)
+    w = model.get_model().mm_projector[0].weight
+    assert torch.equal(w, again.get_model().mm_projector[0].weight)
+    assert not torch.equal(w, other.get_model().mm_projector[0].weight)
+
+
+def test_initialize_vision_modules_is_the_assembler(tiny):
+    """The original's entry point writes the tower/projector fields the assembler writes, and leaves the prompt ones."""
+    from conftest import vision_args
+
+    from llava.model import DECODERS
+    from llava.model.assemble import multimodal_fields, specs_from_args
+
+    model = DECODERS["llama"].causal_lm_cls.from_pretrained(tiny.decoder_dirs["llama"])
+    args = vision_args(tiny.clip_dir)
+    model.get_model().initialize_vision_modules(args)
+    vision, projector, _ = specs_from_args(args)
+    expected = multimodal_fields(vision, projector, None)
+    assert {k: getattr(model.config, k) for k in expected} == expected
+    assert getattr(model.config, "image_aspect_ratio", None) is None  # a data field: training writes it
+    assert model.config.mm_hidden_size == 32 and model.get_vision_tower().is_loaded
+
+
+def test_parts_cover_every_parameter_once(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from llava.model.assemble import PARTS, module_parts, parameter_parts, part_of
+
+    model = tiny.model("llama", mm_patch_merge_type="spatial_unpad")
+    parts = model.parts()
+    assert set(parts) <= set(PARTS)
+    ids = [id(p) for group in parts.values() for p in group]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert {id(p) for p in parts["vision_tower"]} == {id(p) for p in model.get_vision_tower().parameters()}
+    projector = {id(p) for p in model.get_model().mm_projector.parameters()} | {id(model.get_model().image_newline)}
+    assert {id(p) for p in parts["mm_projector"]} == projector
+    assert [id(p) for p in parts["embeddings"]] == [id(model.get_input_embeddings().weight)]
+    assert [id(p) for p in parts["lm_head"]] == [id(model.get_output_embeddings().weight)]
+    assert part_of(model, "model.layers.0.self_attn.q_proj.weight") == "llm"
+    assert module_parts(model)["model.mm_projector.0"] == "mm_projector"
+    with pytest.raises(KeyError, match="no_such_layer"):
+        part_of(model, "model.no_such_layer.weight")
+    # Wrapped in peft: adapter weights are their own part, wherever they sit; names carry the wrapper's prefix.
+    targets = [
+        "model.layers.0.self_attn.q_proj",
+        "model.vision_tower.vision_tower.encoder.layers.0.mlp.fc1",
+    ]
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    by_name = parameter_parts(wrapped)
+    lora = sorted(n for n, part in by_name.items() if part == "lora")
+    assert len(lora) == 4 and all(".lora_" in n for n in lora)
+    host = parameter_parts(wrapped, lora=False)
+    assert {host[n] for n in lora} == {"llm", "vision_tower"}
+    assert by_name["base_model.model.model.mm_projector.2.weight"] == "mm_projector"
+
+
+def test_mpt_tied_head_is_the_embedding_part(tiny, tmp_path):
+    from transformers import MptConfig, MptForCausalLM
+
+    from llava.model.assemble import ProjectorSpec, VisionSpec, build_llava, module_parts
+
+    MptForCausalLM(MptConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=len(tiny.tokenizer))).save_pretrained(
+        tmp_path
+    )
+    model = build_llava(str(tmp_path), VisionSpec(tiny.clip_dir), ProjectorSpec("linear"))
+    parts = model.parts()
+    assert "lm_head" not in parts and [id(p) for p in parts["embeddings"]] == [id(model.transformer.wte.weight)]
+    assert module_parts(model)["lm_head"] == "lm_head"  # never a LoRA target, though its weight is the embedding's
+
+
+@pytest.mark.parametrize(
+    "model_type, family",
+    [("llava_llama", "llama"), ("llava_mistral", "mistral"), ("llava_qwen2", "qwen2"), ("llava_mpt", "mpt")],
+)
+def test_family_classes_keep_names_and_auto_registration(model_type, family):
+    import importlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llava.model import DECODERS
+    from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+
+    spec = DECODERS[family]
+    module = importlib.import_module(f"llava.model.language_model.llava_{family}")
+    config_cls, causal_lm_cls = spec.config_cls, spec.causal_lm_cls
+    assert getattr(module, config_cls.__name__) is config_cls and config_cls.__module__ == module.__name__
+    assert getattr(module, causal_lm_cls.__name__) is causal_lm_cls
+    assert type(AutoConfig.for_model(model_type)) is config_cls and config_cls.model_type == model_type
+    assert AutoModelForCausalLM._model_mapping[config_cls] is causal_lm_cls
+    assert issubclass(causal_lm_cls, LlavaMetaForCausalLM) and issubclass(
+        causal_lm_cls.llava_model_class, LlavaMetaModel
+    )
+    assert causal_lm_cls.llava_model_class.config_class is config_cls
+    names = {"llama": ("LlavaConfig", "LlavaLlamaForCausalLM"), "mpt": ("LlavaMptConfig", "LlavaMptForCausalLM")}
+    if family in names:
+        assert (config_cls.__name__, causal_lm_cls.__name__) == names[family]
+
+
+def test_load_pretrained_model_rejects_unknown_keyword_arguments(tiny, llama):
+    from llava.model.builder import load_pretrained_model
+
+    path = tiny.save_full(llama, "kwargs")
+    with pytest.raises(TypeError, match="`trust_remote_code`"):
+        load_pretrained_model(path, None, None, device="cpu", trust_remote_code=True)
+    # What the original forwarded to from_pretrained and still means something is accepted.
+    _, model, _, _ = load_pretrained_model(
+        path, None, None, device="cpu", torch_dtype=torch.bfloat16, low_cpu_mem_usage=True
+    )
+    assert model.dtype == torch.bfloat16
+
+
+def test_weights_of_another_shape_name_key_and_both_shapes(tiny, llama):
+    import json
+    import os
+
+    from llava.model.builder import CheckpointError, load_pretrained_model
+
+    path = tiny.save_full(llama, "misshapen")
+    config_file = os.path.join(path, "config.json")
+    config = json.load(open(config_file))
+    config["intermediate_size"] += 8
+    json.dump(config, open(config_file, "w"))
+    wanted = rf"size mismatch: model\.layers\.0\.mlp\.down_proj\.weight: file \(64, {config['intermediate_size'] - 8}\)"
+    with pytest.raises(CheckpointError, match=wanted):
+        load_pretrained_model(path, None, None, device="cpu")

@@ -462,3 +462,46 @@ def test_every_training_script_parses():
         ), script
     for config in glob.glob(os.path.join(REPO, "scripts", "zero*.json")):
         assert "zero_optimization" in json.load(open(config))
+
+
+@pytest.mark.parametrize(
+    "flags, name, checkpoint_format",
+    [
+        (dict(tune_mm_mlp_adapter=True), "align", "projector"),
+        (dict(tune_mm_mlp_adapter=True, unfreeze_mm_vision_tower=True), "align+tower", "full"),
+        (dict(), "full", "full"),
+        (dict(freeze_mm_mlp_adapter=True), "full+frozen_projector", "full"),
+        (dict(freeze_backbone=True), "frozen_llm", "projector"),
+        (dict(lora_enable=True), "lora", "lora"),
+        (dict(lora_enable=True, bits=4), "qlora", "lora"),
+        (dict(lora_enable=True, lora_vision_tower=True), "lora+tower", "lora"),
+        (dict(vision_tower=None), "full+text_only", "full"),
+    ],
+)
+def test_stage_is_named_from_the_original_flags(tiny, tmp_path, flags, name, checkpoint_format):
+    from llava.train.model_setup import STAGES, training_stage
+
+    model_args, _, training_args = parse_args(tiny_flags(tiny, "d.json", "img", str(tmp_path), **flags))
+    stage = training_stage(model_args, training_args, multimodal=model_args.vision_tower is not None)
+    assert (stage.name, stage.checkpoint_format) == (name, checkpoint_format)
+    assert stage.base in STAGES
+
+
+def test_set_trainable_freezes_by_stage_and_logs_each_part(tiny, tmp_path, caplog):
+    from llava.train.model_setup import set_trainable
+
+    model = tiny.model("llama")
+    model_args, data_args, training_args = parse_args(
+        tiny_flags(tiny, "d.json", "img", str(tmp_path), tune_mm_mlp_adapter=True)
+    )
+    assert data_args.is_multimodal  # decided once, from --vision_tower, by parse_args
+    with caplog.at_level(logging.INFO, logger="llava.train"):
+        stage = set_trainable(model, model_args, training_args)
+    parts = model.parts()
+    assert all(p.requires_grad for p in parts["mm_projector"])
+    assert not any(p.requires_grad for part in ("vision_tower", "llm", "embeddings", "lm_head") for p in parts[part])
+    projector = sum(p.numel() for p in parts["mm_projector"])
+    tower = sum(p.numel() for p in parts["vision_tower"])
+    assert f"Training stage `{stage.name}`" in caplog.text and stage.name == "align"
+    assert f"mm_projector  {projector:>14,} / {0:>14,}  trained" in caplog.text
+    assert f"vision_tower  {0:>14,} / {tower:>14,}  frozen" in caplog.text

@@ -10,7 +10,6 @@ Kinds, decided from the directory's files and config (never from its name) by `l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,14 @@ import torch
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.conversation import conv_templates, guess_conv_mode
+from llava.model.assemble import (  # noqa: F401  (QUANT_SKIP_MODULES: re-exported, its home before assemble)
+    QUANT_SKIP_MODULES,
+    WeightsMismatchError,
+    attn_implementation,
+    config_object,
+    from_pretrained_kwargs,
+    load_weights,
+)
 from llava.model.checkpoint_format import (  # noqa: F401  (re-exported: their earlier home)
     TOKENIZER_FILES,
     WEIGHT_PATTERNS,
@@ -38,15 +45,6 @@ logger = logging.getLogger(__name__)
 
 # Architecture fields a LoRA's base must share with the model the LoRA was trained on.
 BASE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-# Never quantized (matched from the start of module names): projector and tower under LLaMA-style (`model.`) and
-# MPT (`transformer.`) base models, and the LM head.
-QUANT_SKIP_MODULES = (
-    "model.mm_projector",
-    "model.vision_tower",
-    "transformer.mm_projector",
-    "transformer.vision_tower",
-    "lm_head",
-)
 
 
 def resolve_local(path_or_id: str, what: str = "model_path") -> str:
@@ -65,21 +63,9 @@ def resolve_local(path_or_id: str, what: str = "model_path") -> str:
         ) from err
 
 
-def _config_object(spec, config: dict, vision_tower: str | None):
-    config = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
-    if vision_tower:
-        config["mm_vision_tower"] = vision_tower
-        config.pop("mm_vision_tower_config", None)
-    return spec.config_cls(**config)
-
-
-def _attn_implementation(use_flash_attn: bool) -> str:
-    if not use_flash_attn:
-        return "sdpa"
-    if importlib.util.find_spec("flash_attn") is None:
-        logger.warning("flash-attn is not installed (pip install 'llava[flash]'); using PyTorch SDPA attention.")
-        return "sdpa"
-    return "flash_attention_2"
+# The decoder load path is shared with training: `llava.model.assemble` owns it.
+_config_object = config_object
+_attn_implementation = attn_implementation
 
 
 def best_device() -> str:
@@ -104,11 +90,10 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype) -> dict:
-    kwargs: dict = {"attn_implementation": _attn_implementation(use_flash_attn)}
+    if load_8bit and load_4bit:
+        raise ValueError("Choose one of load_8bit / load_4bit.")
     if device != "cuda":
-        kwargs["device_map"] = {"": device}
-    elif device_map is not None:
-        kwargs["device_map"] = device_map
+        device_map = {"": device}
     if dtype is None:
         if device == "cpu":
             dtype = torch.float32
@@ -116,28 +101,8 @@ def _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype
             dtype = torch.bfloat16
         else:
             dtype = torch.float16
-    kwargs["dtype"] = dtype
-    if load_8bit and load_4bit:
-        raise ValueError("Choose one of load_8bit / load_4bit.")
-    if load_8bit or load_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError("8/4-bit loading needs bitsandbytes: pip install 'llava[quant]'.")
-        from transformers import BitsAndBytesConfig
-
-        # Matched from the start of module names (transformers 5): the projector and tower stay full precision.
-        skip = list(QUANT_SKIP_MODULES)
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-            if load_8bit
-            else BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_quant_type="nf4",
-                llm_int8_skip_modules=skip,
-            )
-        )
-    return kwargs
+    bits = 8 if load_8bit else 4 if load_4bit else 16
+    return from_pretrained_kwargs(dtype, attn_implementation(use_flash_attn), device_map, bits)
 
 
 def _is_tower_key(key: str) -> bool:
@@ -147,31 +112,19 @@ def _is_tower_key(key: str) -> bool:
 def _from_pretrained(spec, weights_dir: str, config, kwargs: dict, expect_missing=("tower",)):
     """`from_pretrained` that turns missing/misshapen weights into errors; returns (model, missing tower?)."""
     try:
-        model, info = spec.causal_lm_cls.from_pretrained(weights_dir, config=config, output_loading_info=True, **kwargs)
-    except RuntimeError as err:
-        if "size mismatch" in str(err) or "mismatch" in str(err):
-            raise CheckpointError(
-                f"Weights in `{weights_dir}` do not fit the model described by its config: {err}"
-            ) from err
-        raise
-    missing = set(info["missing_keys"])
-    tower_missing = {k for k in missing if _is_tower_key(k)}
-    projector_missing = {k for k in missing if "mm_projector" in k or "image_newline" in k}
-    other = missing - tower_missing - projector_missing
+        model, missing = load_weights(spec.causal_lm_cls, weights_dir, config, kwargs)
+    except WeightsMismatchError as err:
+        raise CheckpointError(str(err)) from err
+    projector_missing = missing.pop("mm_projector", set())
+    tower_missing = missing.pop("vision_tower", set())
     if "projector" not in expect_missing and projector_missing:
         raise CheckpointError(
             f"`{weights_dir}` lacks projector weights {sorted(projector_missing)}: the checkpoint is incomplete "
             "(a stage-1 output needs `mm_projector.bin` and `--model-base`)."
         )
+    other = set().union(*missing.values())
     if other:
         raise CheckpointError(f"`{weights_dir}` lacks weights the model needs: {sorted(other)[:8]}.")
-    if info["unexpected_keys"]:
-        logger.info(
-            "Ignored %d unexpected weights in %s: %s",
-            len(info["unexpected_keys"]),
-            weights_dir,
-            sorted(info["unexpected_keys"])[:5],
-        )
     return model, bool(tower_missing)
 
 
@@ -256,6 +209,25 @@ def _load_tower(tower, config, stored_missing: bool) -> None:
         tower.is_loaded = True
 
 
+# Keyword arguments the original forwarded to `from_pretrained` that still mean something: `torch_dtype` (now
+# `dtype`) and `low_cpu_mem_usage` (transformers 5 always loads that way). Any other is a TypeError.
+ORIGINAL_FROM_PRETRAINED_KWARGS = ("torch_dtype", "low_cpu_mem_usage")
+
+
+def _original_passthrough(kwargs: dict, dtype: torch.dtype | None) -> torch.dtype | None:
+    unknown = sorted(set(kwargs) - set(ORIGINAL_FROM_PRETRAINED_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"load_pretrained_model() got unexpected keyword argument(s) {', '.join(f'`{k}`' for k in unknown)}; "
+            "it takes model_path, model_base, model_name, load_8bit, load_4bit, device_map, device, use_flash_attn, "
+            f"vision_tower, merge_lora, dtype (and the original's {', '.join(ORIGINAL_FROM_PRETRAINED_KWARGS)})."
+        )
+    torch_dtype = kwargs.get("torch_dtype")
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise TypeError(f"load_pretrained_model(): `torch_dtype={torch_dtype}` and `dtype={dtype}` disagree; pass one.")
+    return dtype if dtype is not None else torch_dtype
+
+
 def load_pretrained_model(
     model_path: str,
     model_base: str | None,
@@ -283,8 +255,7 @@ def load_pretrained_model(
     tower weights; stored tower weights are used when the config says the run trained the tower
     (`unfreeze_mm_vision_tower`), or, with a warning, when `mm_vision_tower` cannot be found.
     """
-    if kwargs:
-        logger.info("load_pretrained_model: ignoring unused arguments %s", sorted(kwargs))
+    dtype = _original_passthrough(kwargs, dtype)
     device = _resolve_device(device)
     path = resolve_local(model_path)
     info = detect_checkpoint_kind(path)

@@ -9,15 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_PATCH_TOKEN,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-)
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, parse_grid_pinpoints
+from llava.model.checkpoint_format import (  # noqa: F401  (re-exported: their home before checkpoint_format)
+    EMBEDDING_KEY_SUFFIXES,
+    load_projector_weights,
+    restore_token_rows,
+)
 from llava.model.feature_cache import weights_fingerprint
+from llava.model.image_tokens import resize_embeddings_to_mean, start_end_token_ids  # noqa: F401  (re-exported)
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 
@@ -69,62 +69,12 @@ class LlavaMetaModel:
         return getattr(self, "vision_tower", None)
 
     def initialize_vision_modules(self, model_args, fsdp=None) -> None:
-        """Attach a pretrained vision tower and a (new or stage-1) projector to a plain decoder, for training."""
-        config = self.config
-        config.mm_vision_tower = model_args.vision_tower
-        config.mm_vision_select_layer = getattr(model_args, "mm_vision_select_layer", -1)
-        config.mm_vision_select_feature = getattr(model_args, "mm_vision_select_feature", "patch")
-        config.mm_patch_merge_type = check_patch_merge_type(getattr(model_args, "mm_patch_merge_type", "flat"))
-        config.mm_projector_type = getattr(model_args, "mm_projector_type", "linear")
-        config.use_mm_proj = True
+        """Attach a pretrained vision tower and a (new or stage-1) projector, as `model_args` (the original's
+        `ModelArguments` or a look-alike) says; `llava.model.assemble` does the work."""
+        from llava.model.assemble import attach_vision_modules, specs_from_args
 
-        if self.get_vision_tower() is None or self.vision_tower.vision_tower_name != model_args.vision_tower:
-            config.mm_vision_tower_config = None
-            self.vision_tower = build_vision_tower(config)
-        if not self.vision_tower.is_loaded:
-            self.vision_tower.load_model()
-        # Stored so a checkpoint that carries tower weights can be rebuilt without the tower directory.
-        config.mm_vision_tower_config = self.vision_tower.config.to_dict()
-        config.mm_hidden_size = self.vision_tower.hidden_size
-
-        if getattr(self, "mm_projector", None) is None:
-            self.mm_projector = build_vision_projector(config)
-        for p in self.mm_projector.parameters():
-            p.requires_grad = True
-        if "unpad" in config.mm_patch_merge_type and getattr(self, "image_newline", None) is None:
-            std = 1 / math.sqrt(config.hidden_size)
-            self.image_newline = nn.Parameter(torch.randn(config.hidden_size) * std)
-
-        adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
-        if adapter:
-            state = torch.load(adapter, map_location="cpu", weights_only=True)
-            load_projector_weights(self.mm_projector, state, source=adapter)
-
-
-def load_projector_weights(projector: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `mm_projector.*` entries of a stage-1 / non-LoRA state dict; any missing or misshapen weight is an error."""
-    prefix_keys = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
-    if not prefix_keys:
-        raise ValueError(
-            f"`{source}` holds no projector weights (no key containing `mm_projector.`; keys: {sorted(state)[:5]})."
-        )
-    own = projector.state_dict()
-    missing = sorted(set(own) - set(prefix_keys))
-    unexpected = sorted(set(prefix_keys) - set(own))
-    wrong = [
-        f"{k}: file {tuple(prefix_keys[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in prefix_keys and prefix_keys[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"Projector weights in `{source}` do not fit this model's `mm_projector` "
-            f"(missing: {missing}, unexpected: {unexpected}, shape mismatches: {wrong}). Check that "
-            "`mm_projector_type`, the vision tower and the decoder are the ones the projector was trained with."
-        )
-    ref = next(projector.parameters(), None)
-    kwargs = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    projector.load_state_dict({k: v.to(**kwargs) for k, v in prefix_keys.items()})
+        vision, projector, _ = specs_from_args(model_args)
+        attach_vision_modules(self, vision, projector)
 
 
 def packed_position_ids(position_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -202,6 +152,17 @@ class LlavaMetaForCausalLM:
         super()._init_weights(module)
         if isinstance(module, LlavaMetaModel) and getattr(module, "image_newline", None) is not None:
             nn.init.normal_(module.image_newline, std=1 / math.sqrt(self.config.hidden_size))
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """The model's parameters by part: `vision_tower`, `mm_projector` (with `image_newline`), `embeddings`,
+        `llm`, `lm_head`, `lora` (adapter weights). Empty parts are left out (see `llava.model.assemble.PARTS`)."""
+        from llava.model.assemble import parameter_parts
+
+        params = dict(self.named_parameters())
+        grouped: dict[str, list[nn.Parameter]] = {}
+        for name, part in parameter_parts(self).items():
+            grouped.setdefault(part, []).append(params[name])
+        return grouped
 
     # -- images ----------------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -471,77 +432,7 @@ class LlavaMetaForCausalLM:
 
     # -- tokenizer -------------------------------------------------------------------------------------------------
     def initialize_vision_tokenizer(self, model_args, tokenizer) -> None:
-        """Add `<im_patch>` / `<im_start>`, `<im_end>` when the config asks for them; new rows start at the mean."""
-        new_tokens = []
-        if getattr(model_args, "mm_use_im_patch_token", False):
-            new_tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)
-        if getattr(model_args, "mm_use_im_start_end", False):
-            new_tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
-        if not new_tokens:
-            return
-        added = tokenizer.add_tokens(new_tokens, special_tokens=True)
-        if added:
-            resize_embeddings_to_mean(self, len(tokenizer), added)
-        if not getattr(model_args, "mm_use_im_start_end", False):
-            return
-        if getattr(model_args, "tune_mm_mlp_adapter", False):
-            # Stage 1 with start/end tokens: their input rows must learn, the output head stays frozen (unless it is
-            # the input embedding itself, as in MPT).
-            inputs, outputs = self.get_input_embeddings().weight, self.get_output_embeddings().weight
-            inputs.requires_grad_(True)
-            if outputs is not inputs:
-                outputs.requires_grad_(False)
-        adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
-        if adapter:  # stage 2: the <im_start>/<im_end> rows stage 1 learned come with its projector file
-            state = torch.load(adapter, map_location="cpu", weights_only=True)
-            if not restore_token_rows(self, state, start_end_token_ids(tokenizer), adapter):
-                logger.warning(
-                    "`%s` holds no input-embedding rows (was stage 1 run without --mm_use_im_start_end?): "
-                    "<im_start>/<im_end> start from the mean embedding.",
-                    adapter,
-                )
+        """Add `<im_patch>` / `<im_start>`, `<im_end>` when `model_args` asks for them (`llava.model.image_tokens`)."""
+        from llava.model.image_tokens import add_image_tokens
 
-
-def resize_embeddings_to_mean(model, new_size: int, n_new: int) -> None:
-    """Grow input/output embeddings to `new_size`, initialising the `n_new` last rows at the mean of the others."""
-    model.resize_token_embeddings(new_size, mean_resizing=False)
-    for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-        with torch.no_grad():
-            emb[-n_new:] = emb[:-n_new].mean(dim=0, keepdim=True)
-
-
-# Where a stage-1 file keeps the input embedding: LLaMA-style decoders, MPT.
-EMBEDDING_KEY_SUFFIXES = (".embed_tokens.weight", ".wte.weight")
-
-
-def start_end_token_ids(tokenizer) -> list[int]:
-    """Ids of `<im_start>`, `<im_end>` in `tokenizer` (which must hold them)."""
-    ids = tokenizer.convert_tokens_to_ids([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN])
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"The tokenizer has no `{DEFAULT_IM_START_TOKEN}`/`{DEFAULT_IM_END_TOKEN}` tokens.")
-    return list(ids)
-
-
-def restore_token_rows(model, state: dict[str, torch.Tensor], token_ids: Sequence[int], source: str) -> bool:
-    """Copy the input-embedding rows of `token_ids` from a stage-1 state dict (`mm_projector.bin` of a run with
-    `--mm_use_im_start_end`) into `model`. The file holds either the whole embedding (as this package and the
-    original save it) or just those rows. Returns False when it holds no embedding; a misshapen one is an error."""
-    weight = model.get_input_embeddings().weight
-    own_name = next((n for n, p in model.named_parameters() if p is weight), None)
-    keys = [k for k in state if k == own_name or k.endswith(EMBEDDING_KEY_SUFFIXES)]
-    if not keys:
-        return False
-    saved = state[keys[0]]
-    if saved.shape == weight.shape:
-        rows = saved[list(token_ids)]
-    elif saved.shape == (len(token_ids), weight.shape[1]):
-        rows = saved
-    else:
-        raise ValueError(
-            f"`{source}`: `{keys[0]}` has shape {tuple(saved.shape)}, but this model's input embedding is "
-            f"{tuple(weight.shape)} (or the {len(token_ids)} added rows alone): it was trained with another "
-            "tokenizer or decoder. Use the stage-1 output of this decoder."
-        )
-    with torch.no_grad():
-        weight[list(token_ids)] = rows.to(device=weight.device, dtype=weight.dtype)
-    return True
+        add_image_tokens(self, model_args, tokenizer)

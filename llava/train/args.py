@@ -71,7 +71,7 @@ class DataArguments:
         default=None, metadata={"help": "LLaVA JSON/JSONL, or HF-style `messages`/`images` records."}
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Kept for the original scripts; always lazy."})
-    is_multimodal: bool = False
+    is_multimodal: bool = field(default=False, metadata={"help": "Set from --vision_tower by parse_args."})
     image_folder: str | None = field(default=None, metadata={"help": "Root that record image paths are relative to."})
     image_aspect_ratio: str = field(default="square", metadata={"help": "square, pad or anyres."})
     image_grid_pinpoints: str | None = field(default=None, metadata={"help": "anyres resolutions, e.g. [[336,672]]."})
@@ -257,4 +257,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     )
     if rest:
         raise SystemExit(f"Unknown arguments: {' '.join(rest)}. Run with --help for the accepted flags.")
+    # Decided here, once, from the flags (the original set it while building the model).
+    data_args.is_multimodal = data_args.is_multimodal or bool(model_args.vision_tower)
     return model_args, data_args, training_args

@@ -16,26 +16,17 @@ starts afresh). Started by a launcher (torchrun, deepspeed), each rank stops whe
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
 import os
-import signal
-import sys
-import threading
-import time
 
 import torch
 import transformers
 
 from llava.conversation import conv_templates
-from llava.model.builder import QUANT_SKIP_MODULES
-from llava.model.language_model import DECODERS, decoder_for_config
-from llava.model.llava_arch import start_end_token_ids
 from llava.runtime import configure_threads
-from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args  # noqa: F401  (public here)
 from llava.train.data import (
     DataCollatorForSupervisedDataset,
     DatasetError,
@@ -44,6 +35,12 @@ from llava.train.data import (
     load_records,
     scan_supervision,
 )
+from llava.train.launcher import (  # noqa: F401  (re-exported: their home before launcher)
+    LAUNCHER_GRACE_SECONDS,
+    LAUNCHER_POLL_SECONDS,
+    launched_by_launcher,
+    stop_with_launcher,
+)
 from llava.train.llava_trainer import (
     LLaVATrainer,
     disk_full_errors,
@@ -51,282 +48,25 @@ from llava.train.llava_trainer import (
     resumable_checkpoint,
     unwrap_llava,
 )
-from llava.train.preprocess import CHAT_TEMPLATE, Preprocessor, check_version
+from llava.train.model_setup import (  # noqa: F401  (re-exported: their home before model_setup)
+    LEGACY_LAYER_CLASSES,
+    FsdpReport,
+    Stage,
+    apply_lora,
+    attach_vision,
+    check_fsdp,
+    load_model,
+    load_tokenizer,
+    lora_target_modules,
+    run_record,
+    set_trainable,
+    train_only_rows,
+    trained_template_name,
+    training_stage,
+)
+from llava.train.preprocess import Preprocessor, check_version
 
 logger = logging.getLogger("llava.train")
-
-# FSDP layer class names of the original's own model code -> the transformers class that replaces it.
-LEGACY_LAYER_CLASSES = {"MPTBlock": "MptBlock"}
-
-
-# ----------------------------------------------------------------------------------------------------- model setup
-
-
-def _read_raw_config(name_or_path: str, cache_dir: str | None) -> tuple[dict, str]:
-    """config.json as a dict: LLaVA configs say `model_type: llava`, which transformers maps to another class."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"`{name_or_path}` (--model_name_or_path) has no config.json.")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(name_or_path, "config.json", cache_dir=cache_dir)
-    with open(path) as f:
-        return json.load(f), path
-
-
-@contextlib.contextmanager
-def _zero3_init_paused(training_args: TrainingArguments):
-    """Build modules outside ZeRO-3's `zero.Init` (the vision tower loads its weights by state dict copy); the
-    DeepSpeed engine partitions them when it starts."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
-
-
-def _weights_dtype(training_args: TrainingArguments) -> torch.dtype:
-    # DeepSpeed keeps fp32 master weights itself; plain runs keep fp32 weights and autocast.
-    if training_args.deepspeed or training_args.bits in (4, 8):
-        if training_args.bf16:
-            return torch.bfloat16
-        if training_args.fp16:
-            return torch.float16
-    return torch.float32
-
-
-def load_model(model_args: ModelArguments, training_args: TrainingArguments, attn_implementation: str):
-    """The LLaVA model for `--model_name_or_path` (a plain decoder or a LLaVA checkpoint), quantized for QLoRA."""
-    if training_args.deepspeed and training_args.use_cpu:
-        # On CPU, transformers sets up torch.distributed (gloo) but not DeepSpeed's communicator, which ZeRO-3's
-        # zero.Init needs while the decoder is built; DeepSpeed adopts the existing process group.
-        import deepspeed
-
-        deepspeed.init_distributed()
-    raw, source = _read_raw_config(model_args.model_name_or_path, training_args.cache_dir)
-    spec = decoder_for_config(raw, source)
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
-    if model_args.vision_tower and fields.get("mm_vision_tower") not in (None, model_args.vision_tower):
-        # A LLaVA checkpoint: build its tower from the path given now (e.g. a local copy of the hub tower).
-        fields["mm_vision_tower"] = model_args.vision_tower
-        fields.pop("mm_vision_tower_config", None)
-    config = spec.config_cls(**fields)
-    dtype = _weights_dtype(training_args)
-    kwargs: dict = {"config": config, "dtype": dtype, "attn_implementation": attn_implementation}
-    if training_args.cache_dir:
-        kwargs["cache_dir"] = training_args.cache_dir
-    if training_args.bits in (4, 8):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["device_map"] = {"": training_args.device}
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=training_args.bits == 4,
-            load_in_8bit=training_args.bits == 8,
-            llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=training_args.double_quant,
-            bnb_4bit_quant_type=training_args.quant_type,
-        )
-    model, info = spec.causal_lm_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True, **kwargs)
-    tower = model.get_vision_tower()
-    if tower is not None:
-        if not any(".vision_tower." in f".{k}" for k in info["missing_keys"]):
-            tower.is_loaded = True  # the checkpoint carried the tower's (possibly trained) weights
-        elif hasattr(next(tower.parameters()), "ds_id"):
-            model.get_model().vision_tower = None  # partitioned and empty: rebuilt below, outside zero.Init
-    model.config.use_cache = False
-    return model
-
-
-def attach_vision(model, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    """Attach the vision tower and projector (stage-1 weights when given) and write the data fields into the
-    config, so every checkpoint says how its images and prompts were prepared."""
-    if not model_args.vision_tower:
-        return None
-    with _zero3_init_paused(training_args):
-        model.get_model().initialize_vision_modules(model_args, fsdp=training_args.fsdp)
-    tower = model.get_vision_tower()
-    if training_args.bits in (4, 8):
-        device = model.get_input_embeddings().weight.device
-        tower.to(device=device)
-        model.get_model().mm_projector.to(device=device)
-    config = model.config
-    config.image_aspect_ratio = data_args.image_aspect_ratio
-    config.image_grid_pinpoints = data_args.image_grid_pinpoints
-    config.mm_use_im_start_end = model_args.mm_use_im_start_end
-    config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
-    config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
-    config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
-    config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower
-    config.mm_projector_lr = training_args.mm_projector_lr
-    config.mm_vision_tower_lr = training_args.mm_vision_tower_lr
-    data_args.is_multimodal = True
-    return tower
-
-
-def lora_target_modules(model, include_vision_tower: bool = False) -> list[str]:
-    """Names of the linear layers LoRA adapts: the LLM's (and the tower's when asked), never projector or head."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "mm_projector" in name or name.endswith("lm_head"):
-            continue
-        if "vision_tower" in name and not include_vision_tower:
-            continue
-        names.append(name)
-    return names
-
-
-def apply_lora(model, training_args: TrainingArguments):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if training_args.bits in (4, 8):
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
-        )
-    config = LoraConfig(
-        r=training_args.lora_r,
-        lora_alpha=training_args.lora_alpha,
-        target_modules=lora_target_modules(model, training_args.lora_vision_tower),
-        lora_dropout=training_args.lora_dropout,
-        bias=training_args.lora_bias,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def train_only_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
-    """Let only `rows` of an embedding matrix learn: the gradient of every other row is zeroed, so with weight decay 0
-    they keep their pretrained values (the original v0 code reset them after each step)."""
-    mask = torch.zeros(getattr(weight, "ds_shape", weight.shape)[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[rows] = 1
-    weight.register_hook(lambda grad: grad * mask.to(device=grad.device, dtype=grad.dtype))
-    logger.info("Of the input embedding only rows %s (<im_start>, <im_end>) learn.", rows)
-
-
-def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments, tokenizer=None) -> str:
-    """Freeze / unfreeze tower, projector and LLM in one place; returns the checkpoint format this implies.
-
-    Stage 1 with `--mm_use_im_start_end` also trains the `<im_start>`/`<im_end>` rows of the input embedding (only
-    those rows: pass the `tokenizer` that holds them); the stage-1 file then carries the embedding."""
-    base = unwrap_llava(model)
-    lora = training_args.lora_enable
-    llm_trains = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone or lora)
-    if not lora:
-        base.requires_grad_(llm_trains)
-    tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
-    tower_trains = False
-    if tower is not None:
-        tower_trains = model_args.unfreeze_mm_vision_tower
-        for name, p in tower.named_parameters():
-            if "lora_" not in name:
-                p.requires_grad_(tower_trains)
-        tower_trains = tower_trains or (lora and training_args.lora_vision_tower)
-        base.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
-        if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end:
-            embedding = base.get_input_embeddings().weight
-            embedding.requires_grad_(True)  # the new <im_start>/<im_end> rows learn
-            if tokenizer is not None and not llm_trains:
-                train_only_rows(embedding, start_end_token_ids(tokenizer))
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(
-            "Nothing would train: the LLM, projector and vision tower are all frozen. Check --tune_mm_mlp_adapter, "
-            "--freeze_backbone, --freeze_mm_mlp_adapter and --unfreeze_mm_vision_tower."
-        )
-    if tower_trains and training_args.ddp_find_unused_parameters is None:
-        # The tower's last layer(s) and post-layernorm do not feed the selected features: DDP must allow that.
-        training_args.ddp_find_unused_parameters = True
-    if training_args.gradient_checkpointing and not base.get_input_embeddings().weight.requires_grad:
-        base.enable_input_require_grads()
-    if lora:
-        return "lora"
-    if not llm_trains and not tower_trains and tower is not None:
-        return "projector"
-    return "full"
-
-
-def check_fsdp(model, training_args: TrainingArguments, checkpoint_format: str) -> None:
-    """Fail before step 1 on FSDP settings that cannot work here: a layer class to wrap that this model does not
-    have (the original's `MPTBlock` is mapped to transformers' `MptBlock`), or a run that saves only part of the
-    model (stage 1, LoRA), whose sharded weights the checkpoint writer does not gather."""
-    if checkpoint_format != "full":
-        raise ValueError(
-            f"FSDP (`--fsdp`) runs save full models; this run saves a `{checkpoint_format}` checkpoint "
-            "(stage 1 with --tune_mm_mlp_adapter, or LoRA). Run it with DeepSpeed (`--deepspeed ./scripts/zero2.json`) "
-            "or plain data parallelism (torchrun without --fsdp) instead."
-        )
-    plugin = training_args.fsdp_plugin_args or {}
-    names = plugin.get("transformer_cls_names_to_wrap")
-    if not names:
-        return  # accelerate wraps the model's `_no_split_modules` (the decoder layer)
-    base = unwrap_llava(model)
-    present = {type(m).__name__ for m in base.modules()}
-    spec = next((s for s in DECODERS.values() if isinstance(base, s.causal_lm_cls)), None)
-    fixed = []
-    for name in names.split(","):
-        name = LEGACY_LAYER_CLASSES.get(name, name)
-        if name not in present:
-            hint = f"; this model's decoder layer is `{spec.decoder_layer_cls}`" if spec else ""
-            raise ValueError(
-                f"`--fsdp_transformer_layer_cls_to_wrap {names}`: this model has no `{name}` layer{hint}. "
-                f"FSDP layer classes by decoder: {', '.join(f'{s.family}: {s.decoder_layer_cls}' for s in DECODERS.values())}."
-            )
-        fixed.append(name)
-    plugin["transformer_cls_names_to_wrap"] = ",".join(fixed)
-
-
-class FsdpReport(transformers.TrainerCallback):
-    """Logs, once the model is sharded, which modules FSDP made units of (so a wrong wrap policy shows at once)."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-        units = []
-        for module in model.modules() if model is not None else ():
-            if isinstance(module, FullyShardedDataParallel):  # FSDP1 wraps; FSDP2 marks the module itself
-                units.append(type(module.module).__name__)
-            elif isinstance(module, FSDPModule):  # its class became `FSDP<class>`
-                units.append(type(module).__name__.removeprefix("FSDP"))
-        counts = {name: units.count(name) for name in dict.fromkeys(units)}
-        if counts:
-            logger.info("FSDP units: %s", ", ".join(f"{name} x{n}" for name, n in counts.items()))
-        else:
-            logger.warning("FSDP units: none; the model is not sharded (accelerate shards on GPUs only).")
-
-
-def trained_template_name(version: str) -> str:
-    """The template name to record for inference. Few-shot examples baked into a template (`v0`) are not trained
-    on, so the model is recorded with the registered template that is the same without them (`llava_v0`)."""
-    template = conv_templates[version]
-    if not template.messages:
-        return version
-    bare = dataclasses.replace(template, messages=(), offset=0)
-    return next((name for name, t in conv_templates.items() if t == bare), version)
-
-
-def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-    )
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.unk_token or tokenizer.eos_token
-        logger.info("The tokenizer has no pad token; padding with `%s` (padded positions are masked).", fallback)
-        tokenizer.pad_token = fallback
-    return tokenizer
-
 
 # ------------------------------------------------------------------------------------------------------- resuming
 
@@ -349,64 +89,6 @@ def _resume_target(training_args: TrainingArguments, checkpoint_format: str | No
     if training_args.overwrite_output_dir:
         return None
     return last_checkpoint(training_args.output_dir, checkpoint_format, not training_args.save_only_model)
-
-
-# ---------------------------------------------------------------------------------------------- launcher watch
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-LAUNCHER_POLL_SECONDS = 1.0
-# After SIGTERM a rank whose handlers keep it alive is ended outright after this long.
-LAUNCHER_GRACE_SECONDS = 30.0
-
-
-def launched_by_launcher() -> bool:
-    """Whether this process is a rank started by torchrun / torch.distributed.run or the deepspeed launcher."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def stop_with_launcher() -> None:
-    """Make this rank end when the launcher that started it dies (kill -9 of torchrun would otherwise leave the
-    ranks training as orphans: PyTorch starts them in their own sessions, so no terminal signal reaches them).
-
-    Linux: the kernel sends SIGTERM at the parent's death (`prctl(PR_SET_PDEATHSIG)`). Everywhere: a daemon thread
-    checks once a second whether the parent changed, and then sends SIGTERM to this process (and ends it after
-    `LAUNCHER_GRACE_SECONDS` if that did not). Does nothing unless started by a launcher."""
-    if not launched_by_launcher():
-        return
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        # The signal comes when the thread that started this process exits: torchrun and the deepspeed launcher
-        # start their ranks from their main thread, so that is when the launcher dies.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); polling the launcher only.", ctypes.get_errno())
-    if parent == 1 or not _alive(parent):  # the launcher died before the watch was set
-        _launcher_gone(parent)
-    threading.Thread(target=_watch_parent, args=(parent,), name="llava-launcher-watch", daemon=True).start()
-    logger.info("Rank pid %d stops when its launcher (pid %d) dies.", os.getpid(), parent)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(LAUNCHER_POLL_SECONDS)
-    _launcher_gone(parent)
-
-
-def _launcher_gone(parent: int) -> None:
-    logger.error("The launcher (pid %d) is gone; this rank (pid %d) stops.", parent, os.getpid())
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(LAUNCHER_GRACE_SECONDS)
-    os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -492,18 +174,16 @@ def train(
     tokenizer = load_tokenizer(model_args, training_args)
     check_version(model_args.version, tokenizer)
     model = load_model(model_args, training_args, attn_implementation)
-    if attach_vision(model, model_args, data_args, training_args) is not None:
+    if attach_vision(model, model_args, data_args, training_args, tokenizer) is not None:
         model.initialize_vision_tokenizer(model_args, tokenizer)
-    model.config.tokenizer_padding_side = tokenizer.padding_side
-    model.config.tokenizer_model_max_length = tokenizer.model_max_length
-    if model_args.version in conv_templates:
-        model.config.conv_template = trained_template_name(model_args.version)
-    elif model_args.version == CHAT_TEMPLATE:
-        model.config.use_tokenizer_chat_template = True  # the tokenizer saved with each checkpoint carries it
+    else:  # text only: what `build_llava` records for a multimodal run
+        model.config.update(run_record(model_args, training_args))
+        model.config.tokenizer_padding_side = tokenizer.padding_side
+        model.config.tokenizer_model_max_length = tokenizer.model_max_length
 
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
-    checkpoint_format = set_trainable(model, model_args, training_args, tokenizer)
+    checkpoint_format = set_trainable(model, model_args, training_args, tokenizer).checkpoint_format
     if training_args.fsdp:
         check_fsdp(model, training_args, checkpoint_format)
 

@@ -58,10 +58,8 @@ def preset(name: str) -> TinySizes:
 
 def build_checkpoint(out_dir: str, sizes: TinySizes, seed: int = 0, conv_template: str = "llava_v1") -> str:
     """A random-weight LLaVA full checkpoint of `sizes` under `out_dir` (reused when already built); its path."""
-    import torch
-
     from llava.demo import backbones
-    from llava.model import DECODERS
+    from llava.model.assemble import ProjectorSpec, PromptSpec, VisionSpec, build_llava
 
     ckpt = os.path.join(out_dir, "llava")
     stamp = os.path.join(ckpt, "bench_sizes.json")
@@ -74,37 +72,19 @@ def build_checkpoint(out_dir: str, sizes: TinySizes, seed: int = 0, conv_templat
     tokenizer = backbones.build_tokenizer(tok_dir, vocab_size=sizes.vocab_size)
     backbones.build_decoder(dec_dir, tokenizer, sizes=sizes, seed=seed)
     backbones.build_vision_tower(clip_dir, sizes=sizes, seed=seed)
-    model = DECODERS["llama"].causal_lm_cls.from_pretrained(dec_dir)
-    torch.manual_seed(seed)
-    model.get_model().initialize_vision_modules(vision_args(clip_dir))
-    config = model.config
-    config.image_aspect_ratio = "pad"
-    config.mm_use_im_start_end = False
-    config.mm_use_im_patch_token = False
-    config.tokenizer_padding_side = "right"
-    config.tokenizer_model_max_length = 2048
-    config.conv_template = conv_template
+    model = build_llava(
+        dec_dir,
+        VisionSpec(clip_dir, select_layer=-2),  # LLaVA-1.5's choices
+        ProjectorSpec("mlp2x_gelu"),
+        PromptSpec(image_aspect_ratio="pad"),
+        record={"conv_template": conv_template},
+        seed=seed,
+    )
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     with open(stamp, "w") as f:
         json.dump(wanted, f)
     return ckpt
-
-
-def vision_args(tower_dir: str):
-    """The model arguments `initialize_vision_modules` reads, with LLaVA-1.5's choices."""
-    import types
-
-    return types.SimpleNamespace(
-        vision_tower=tower_dir,
-        mm_vision_select_layer=-2,
-        mm_vision_select_feature="patch",
-        mm_patch_merge_type="flat",
-        mm_projector_type="mlp2x_gelu",
-        pretrain_mm_mlp_adapter=None,
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-    )
 
 
 def percentile(values: Sequence[float], q: float) -> float:

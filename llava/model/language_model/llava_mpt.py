@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import logging
 
-from transformers import MptConfig, MptForCausalLM, MptModel
-from transformers.models.mpt.modeling_mpt import MptPreTrainedModel
-
-from llava.model.language_model.registry import DecoderSpec, register_decoder
-from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from llava.model.language_model.registry import define_family
 
 logger = logging.getLogger(__name__)
 
 
-class LlavaMptConfig(MptConfig):
-    model_type = "llava_mpt"
-
-
-class LlavaMptModel(LlavaMetaModel, MptModel):
-    config_class = LlavaMptConfig
-
-
-class LlavaMptForCausalLM(LlavaMetaForCausalLM, MptForCausalLM):
-    config_class = LlavaMptConfig
-    llava_model_class = LlavaMptModel
-    decoder_pretrained_class = MptPreTrainedModel
+class MptQuirks:
+    """What MPT needs on top of the shared LLaVA causal LM: eager attention, no position ids."""
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention not in (None, "eager"):
@@ -45,13 +31,5 @@ class LlavaMptForCausalLM(LlavaMetaForCausalLM, MptForCausalLM):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=None, **kwargs)
 
 
-register_decoder(
-    DecoderSpec(
-        family="mpt",
-        config_cls=LlavaMptConfig,
-        causal_lm_cls=LlavaMptForCausalLM,
-        base_model_types=("mpt",),
-        llava_model_types=("llava_mpt",),
-        decoder_layer_cls="MptBlock",
-    )
-)
+SPEC = define_family("mpt", __name__, "Mpt", decoder_layer_cls="MptBlock", causal_lm_mixin=MptQuirks)
+LlavaMptConfig, LlavaMptModel, LlavaMptForCausalLM = SPEC.classes

@@ -25,8 +25,60 @@ class DecoderSpec:
     def architecture(self) -> str:
         return self.causal_lm_cls.__name__
 
+    @property
+    def classes(self) -> tuple[type, type, type]:
+        """(config, base model, causal LM): the family's public LLaVA classes."""
+        return self.config_cls, self.causal_lm_cls.llava_model_class, self.causal_lm_cls
+
 
 DECODERS: dict[str, DecoderSpec] = {}
+
+
+def define_family(
+    family: str,
+    module: str,
+    prefix: str,
+    *,
+    config_name: str | None = None,
+    llava_model_types: tuple[str, ...] = (),
+    decoder_layer_cls: str | None = None,
+    causal_lm_mixin: type | None = None,
+) -> DecoderSpec:
+    """Define and register LLaVA's three classes for one decoder family in `module` (`__name__` of its file):
+    `Llava{prefix}Config` (or `config_name`) with `model_type` `llava_{family}`, `Llava{prefix}Model` (transformers'
+    `{prefix}Model` with `LlavaMetaModel` mixed in) and `Llava{prefix}ForCausalLM` (`{prefix}ForCausalLM` with
+    `LlavaMetaForCausalLM` and, first, `causal_lm_mixin` for the family's quirks)."""
+    import transformers
+
+    from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+
+    def base(suffix: str) -> type:
+        return getattr(transformers, f"{prefix}{suffix}")
+
+    model_type = f"llava_{family}"
+    config_cls = type(config_name or f"Llava{prefix}Config", (base("Config"),), {"model_type": model_type})
+    model_cls = type(f"Llava{prefix}Model", (LlavaMetaModel, base("Model")), {"config_class": config_cls})
+    causal_lm_cls = type(
+        f"Llava{prefix}ForCausalLM",
+        (*((causal_lm_mixin,) if causal_lm_mixin else ()), LlavaMetaForCausalLM, base("ForCausalLM")),
+        {
+            "config_class": config_cls,
+            "llava_model_class": model_cls,
+            "decoder_pretrained_class": base("PreTrainedModel"),
+        },
+    )
+    for cls in (config_cls, model_cls, causal_lm_cls):
+        cls.__module__ = module
+    return register_decoder(
+        DecoderSpec(
+            family=family,
+            config_cls=config_cls,
+            causal_lm_cls=causal_lm_cls,
+            base_model_types=(family,),
+            llava_model_types=llava_model_types or (model_type,),
+            decoder_layer_cls=decoder_layer_cls or f"{prefix}DecoderLayer",
+        )
+    )
 
 
 def register_decoder(spec: DecoderSpec) -> DecoderSpec:
