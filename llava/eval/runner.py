@@ -1,4 +1,7 @@
-"""Shared pieces of the answer-generation scripts: flags, question files, chunks, resumable answer files, the loop.
+"""Shared pieces of the answer-generation scripts: flags, the model, the generation loop (`answer_all`).
+
+Question files and chunks live in `llava.eval.questions`, resumable answers files and their provenance in
+`llava.eval.answer_file`; their names are re-exported here, where the scripts have always imported them.
 
 Every generation script reads its questions, keeps its chunk (`--num-chunks/--chunk-idx`), skips what the answers
 file already holds, and writes one JSON line per answer (DESIGN.md, "Eval files"):
@@ -18,27 +21,57 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
-import math
 import os
-import secrets
-import string
-import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
+# The answers file and the question files live in their own modules; their names stay importable from here, where
+# the eval scripts and the original's conversion scripts import them.
+from llava.eval.answer_file import (
+    AnswerFile,
+    checkpoint_fingerprint,
+    file_sha256,
+    log,
+    meta_differences,
+    new_answer_id,
+    question_key,
+)
+from llava.eval.questions import get_chunk, read_answer_texts, read_jsonl, read_questions, split_list
 from llava.runtime import add_threads_argument, configure_threads
 
-_ID_ALPHABET = string.ascii_letters + string.digits
-
-
-def log(message: str) -> None:
-    """A progress note on stderr (stdout stays clean for scripts that print results)."""
-    print(message, file=sys.stderr, flush=True)
+__all__ = [
+    "SETTING_FLAGS",
+    "AnswerFile",
+    "Request",
+    "add_io_args",
+    "add_model_args",
+    "answer_all",
+    "checkpoint_fingerprint",
+    "conv_mode_for",
+    "file_sha256",
+    "generate_answers",
+    "generation_params",
+    "get_chunk",
+    "image_paths",
+    "load_engine",
+    "log",
+    "meta_differences",
+    "model_id",
+    "model_path_of",
+    "new_answer_id",
+    "one_at_a_time",
+    "opt",
+    "pending",
+    "question_key",
+    "read_answer_texts",
+    "read_jsonl",
+    "read_questions",
+    "run_meta",
+    "split_list",
+]
 
 
 def opt(args: Any, name: str, default: Any = None) -> Any:
@@ -85,181 +118,6 @@ def add_io_args(parser: argparse.ArgumentParser, *, image_folder: bool = True, c
         parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many parts")
         parser.add_argument("--chunk-idx", type=int, default=0, help="which part this process answers (0-based)")
     parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming it")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Questions and chunks
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSON-lines file; a bad line is reported with its number."""
-    path = os.path.expanduser(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"`{path}` line {number} is not valid JSON ({err}).") from err
-    return records
-
-
-def read_answer_texts(path: str) -> tuple[dict, int]:
-    """{question_id: text} and the number of lines that were not valid JSON (counted, as the original did)."""
-    answers, errors = {}, 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                errors += 1
-                continue
-            answers[record["question_id"]] = record["text"]
-    return answers, errors
-
-
-def read_questions(path: str) -> list[dict]:
-    """Questions from a JSON list (ScienceQA's `llava_test_CQM-A.json`) or a JSON-lines file."""
-    expanded = os.path.expanduser(path)
-    with open(expanded, encoding="utf-8") as f:
-        head = f.read(64).lstrip()
-    if head.startswith("["):
-        with open(expanded, encoding="utf-8") as f:
-            return json.load(f)
-    return read_jsonl(expanded)
-
-
-def split_list(items: Sequence, n: int) -> list[Sequence]:
-    """`items` cut into consecutive parts of ceil(len/n) items, as the original scripts cut them."""
-    if not items:
-        return []
-    size = math.ceil(len(items) / n)
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> Sequence:
-    """Part `chunk_idx` of `num_chunks`; concatenating parts 0..n-1 gives `items` back in order."""
-    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
-        raise ValueError(
-            f"`--chunk-idx`={chunk_idx} with `--num-chunks`={num_chunks}: need num_chunks >= 1 and "
-            "0 <= chunk_idx < num_chunks."
-        )
-    chunks = split_list(items, num_chunks)
-    return chunks[chunk_idx] if chunk_idx < len(chunks) else items[:0]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Answers file
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def question_key(record: dict) -> Hashable:
-    return record["question_id"]
-
-
-def new_answer_id() -> str:
-    """A random 22-character id, like the original's shortuuid."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
-
-
-def meta_differences(old: dict, new: dict) -> list[str]:
-    """`field: old -> new` for every recorded run field that differs."""
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-class AnswerFile:
-    """A JSON-lines answers file opened for appending; `done` holds the keys it already answers.
-
-    A run that was killed mid-write leaves a truncated last line: it is dropped (and re-answered). Any other bad line
-    is an error, since it means the file is not an answers file. With `meta` (what this run is: model, question file,
-    settings, as each answer's `metadata` records it), a file is resumed only when all its answers record the same.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        key: Callable[[dict], Hashable] = question_key,
-        overwrite: bool = False,
-        meta: dict | None = None,
-    ):
-        self.path = os.path.expanduser(path)
-        self.key = key
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.done: set = set()
-        self.meta = meta
-        self._mismatch: tuple[int, dict | None] | None = None  # the first line whose record differs from `meta`
-        if overwrite or not os.path.exists(self.path):
-            open(self.path, "w").close()
-        else:
-            self._scan()
-            if self._mismatch is not None:
-                self._refuse(*self._mismatch)
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def _check_record(self, number: int, record: dict) -> None:
-        if self.meta is None or self._mismatch is not None:
-            return
-        recorded = record.get("metadata")
-        if not isinstance(recorded, dict) or not set(self.meta) <= set(recorded):
-            self._mismatch = (number, None)
-        elif any(recorded[k] != v for k, v in self.meta.items()):
-            self._mismatch = (number, {k: recorded[k] for k in self.meta})
-
-    def _refuse(self, number: int, recorded: dict | None) -> None:
-        advice = "pass --overwrite to answer every question again, or choose another --answers-file."
-        if recorded is None:
-            raise ValueError(
-                f"`{self.path}` already holds {len(self.done)} answer(s), but line {number} does not record the model, "
-                f"question file and settings that wrote it (written by the original scripts or an older version), so "
-                f"the file cannot be resumed safely; {advice}"
-            )
-        raise ValueError(
-            f"`{self.path}` line {number} was written by a different run, so the file's {len(self.done)} answer(s) "
-            "are not resumed: " + "; ".join(meta_differences(recorded, self.meta)) + f". To replace them, {advice}"
-        )
-
-    def _scan(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            text = f.read()
-        numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-        kept = []
-        for i, (number, line) in enumerate(numbered):
-            try:
-                record = json.loads(line)
-                self.done.add(self.key(record))
-                self._check_record(number, record)
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                if i == len(numbered) - 1:
-                    log(f"{self.path}: dropping a truncated last line (line {number}); that question is re-answered.")
-                    continue
-                raise ValueError(
-                    f"`{self.path}` line {number} is not an answer record ({type(err).__name__}: {err}); pass "
-                    "--overwrite to start this answers file afresh, or choose another --answers-file."
-                ) from err
-            kept.append(line)
-        tidy = "".join(line + "\n" for line in kept)
-        if tidy != text:  # a dropped line, blank lines or a missing final newline: rewrite before appending
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.write(tidy)
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self.done.add(self.key(record))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> AnswerFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -423,35 +281,6 @@ SETTING_FLAGS = (
     "load_8bit",
     "load_4bit",
 )
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(os.path.expanduser(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_fingerprint(path: str | None) -> str | None:
-    """A cheap content fingerprint of a local checkpoint directory: each top-level file's name and size, its first
-    and last MiB (weights retrained in the same folder change it); None for a hub id."""
-    if not path or not os.path.isdir(os.path.expanduser(path)):
-        return None
-    folder = os.path.expanduser(path)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        full = os.path.join(folder, name)
-        if not os.path.isfile(full):
-            continue
-        size = os.path.getsize(full)
-        digest.update(f"{name}\0{size}\0".encode())
-        with open(full, "rb") as f:
-            digest.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def run_meta(args: Any, conv_mode: str) -> dict:
