@@ -334,3 +334,56 @@ def test_to_gradio_chatbot_and_dict():
     assert summary["messages"][0] == ["USER", "<image>\nWhat is this?"]
     assert summary["sep2"] == "</s>" and summary["roles"] == ["USER", "ASSISTANT"]
     json.dumps(summary)
+
+
+# The exported text of every template's chat template, as sha256 prefixes. Exported checkpoints store it and
+# `llava.model.llava_hf.match_conv_template` recognises a template by string equality, so it must never change
+# (these are the hashes of the text written before the styles were described once, in llava/chat_styles.py).
+JINJA_SHA256 = {
+    "chatml_direct": "39d6b0370132ae32",
+    "llama_2": "da288de0021a2354",
+    "llama_3": "354a7d83bf21beb1",
+    "llava_llama_2": "651de44bb63c1de7",
+    "llava_v0": "677420481e81168a",
+    "llava_v0_mmtag": "f6bd4f8b5679db79",
+    "llava_v1": "fea05173fa2225fb",
+    "llava_v1_mmtag": "8c6c650cbbff23c5",
+    "mistral_direct": "39d6b0370132ae32",
+    "mistral_instruct": "4eef6a9d0741d691",
+    "mpt": "2c4add2ac470e62d",
+    "plain": "faa4025523407fed",
+    "qwen_2": "5af3ac027b625a8d",
+    "v0_mmtag": "f6bd4f8b5679db79",
+    "v0_plain": "faa4025523407fed",
+    "v1": "d8c555804949e9c1",
+    "v1_mmtag": "8c6c650cbbff23c5",
+    "vicuna_v1": "d8c555804949e9c1",
+}
+
+
+def test_exported_jinja_text_never_changes():
+    import hashlib
+
+    assert sorted(JINJA_SHA256) == WITH_JINJA
+    for name in WITH_JINJA:
+        digest = hashlib.sha256(to_chat_template_jinja(name).encode()).hexdigest()[:16]
+        assert digest == JINJA_SHA256[name], name
+
+
+def test_style_descriptions_are_checked(monkeypatch):
+    import dataclasses
+
+    import llava.conversation as conversation_lib
+    from llava.chat_template import to_chat_template_jinja as export
+
+    # TWO ends a reply with `sep2`: a template without one is refused by name, not rendered with "None".
+    conv = dataclasses.replace(conv_templates["v1"], messages=[], sep2=None)
+    conv.append_message("USER", "hi")
+    conv.append_message("ASSISTANT", "hello")
+    with pytest.raises(ValueError, match="`TWO` template needs `sep2`"):
+        conv.get_prompt()
+    # PLAIN's Jinja form relies on an empty `sep` (an answered user turn cannot be told from an unanswered one).
+    odd = dataclasses.replace(conv_templates["plain"], sep="|")
+    monkeypatch.setitem(conversation_lib.conv_templates, "odd_plain", odd)
+    with pytest.raises(ValueError, match="give it an empty `sep`"):
+        export("odd_plain")
