@@ -27,315 +27,52 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
-
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 38, 38),
-    "green": (34, 160, 60),
-    "blue": (37, 80, 220),
-    "yellow": (240, 200, 20),
-    "purple": (140, 55, 190),
-    "orange": (245, 125, 20),
-}
-SHAPES = ("circle", "square", "triangle")
-SIZES = ("small", "big")
-# Cell (row, col) of the 3x3 grid -> its name, as captions say it ("a red circle at the top left").
-POSITIONS = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "center",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
+# The scene and record vocabulary, re-exported: `llava.demo.data` is where the tests and benchmarks import it from.
+from llava.demo.records import (  # noqa: F401
+    MIXES,
+    PLAIN_QUESTION_SHARE,
+    corpus_lines,
+    finetune_record,
+    mixed_record,
+    pretrain_record,
+    text_record,
 )
-# Where a lone object is, asked one axis at a time: its column and its row of the grid.
-COLUMNS = ("left", "center", "right")
-ROWS = ("top", "middle", "bottom")
-COUNTS = ("one", "two", "three", "four")
-BACKGROUND = (245, 245, 240)
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-MIXES = ("demo", "llava665k")
-# Share of stage-2 image questions asked plainly and answered with a sentence (what a web-UI user types).
-PLAIN_QUESTION_SHARE = 0.3
-
-# Questions whose answer is read off the image, and the answers each can have (for chance level and scoring).
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "color": tuple(COLORS),
-    "shape": SHAPES,
-    "size": SIZES,
-    "column": COLUMNS,
-    "row": ROWS,
-    "count": COUNTS,
-}
-TEXT_CATEGORY = "text"
-_QUESTIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    # (singular phrasing, plural phrasing)
-    "color": (
-        ("What color is the shape?", "What color are the shapes?"),
-        ("Which color is the object in the image?", "Which color are the objects in the image?"),
-    ),
-    "shape": (
-        ("What shape is shown in the image?", "What shape are the objects in the image?"),
-        ("What kind of shape is it?", "What kind of shapes are they?"),
-    ),
-    "size": (
-        ("Is the shape big or small?", "Are the shapes big or small?"),
-        ("What size is the object?", "What size are the objects?"),
-    ),
-    "column": (
-        ("Is the shape on the left, in the center or on the right?", ""),
-        ("Is the object in the left, center or right part of the image?", ""),
-    ),
-    "row": (
-        ("Is the shape at the top, in the middle or at the bottom?", ""),
-        ("Is the object in the top, middle or bottom part of the image?", ""),
-    ),
-    "count": (
-        ("How many shapes are there?", "How many shapes are there?"),
-        ("How many objects are in the image?", "How many objects are in the image?"),
-    ),
-}
-
-# Text-only knowledge (no image): stands in for the ShareGPT conversations of the LLaVA-1.5 mix.
-TEXT_FACTS: tuple[tuple[str, str], ...] = (
-    ("How many sides does a triangle have?", "three"),
-    ("How many sides does a square have?", "four"),
-    ("How many corners does a circle have?", "zero"),
-    ("Which shape is round?", "circle"),
-    ("Which shape has three corners?", "triangle"),
-    ("Which shape has four equal sides?", "square"),
-    ("What color do you get by mixing red and yellow?", "orange"),
-    ("What color do you get by mixing blue and yellow?", "green"),
-    ("What color do you get by mixing red and blue?", "purple"),
-    ("What number comes after two?", "three"),
-    ("What number comes after three?", "four"),
-    ("What number comes before two?", "one"),
-    ("What is the opposite of big?", "small"),
-    ("What is the opposite of left?", "right"),
-    ("What is the opposite of top?", "bottom"),
-)
-_DESCRIBE = ("Describe the image briefly.", "What is in the picture?")
-_PRETRAIN_PROMPTS = (
-    "Describe the image concisely.",
-    "Provide a brief description of the given image.",
-    "Give a short caption for the picture.",
-    "Summarize the visual content of the image.",
+from llava.demo.scenes import (  # noqa: F401
+    BACKGROUND,
+    CATEGORIES,
+    COLORS,
+    COLUMNS,
+    COUNTS,
+    POSITION_CATEGORIES,
+    POSITIONS,
+    ROWS,
+    SHAPES,
+    SHORT_ANSWER,
+    SIZES,
+    TEXT_CATEGORY,
+    TEXT_FACTS,
+    Scene,
+    applicable_categories,
+    blank_image,
+    question_text,
+    random_scene,
+    render,
+    scene_for_answer,
+    sentence_answer,
 )
 
 
-@dataclass(frozen=True)
-class Scene:
-    """One to four objects, all of one shape, colour and size, in distinct cells of a 3x3 grid."""
+class PathUnder:
+    """A read-only attribute: a path under the directory held in the instance's attribute `base` (e.g. `root`)."""
 
-    shape: str
-    color: str
-    size: str
-    cells: tuple[int, ...]  # grid cells 0..8, row-major
+    def __init__(self, *parts: str, base: str = "root"):
+        self.parts = parts
+        self.base = base
 
-    @property
-    def count(self) -> int:
-        return len(self.cells)
-
-    def answer(self, category: str) -> str | None:
-        """The ground-truth answer to a `category` question, or None when the question does not apply."""
-        if category in ("column", "row"):
-            if self.count != 1:
-                return None
-            row, col = divmod(self.cells[0], 3)
-            return COLUMNS[col] if category == "column" else ROWS[row]
-        return {
-            "color": self.color,
-            "shape": self.shape,
-            "size": self.size,
-            "count": COUNTS[self.count - 1],
-        }[category]
-
-    def caption(self) -> str:
-        noun = self.shape if self.count == 1 else self.shape + "s"
-        if self.count == 1:
-            where = POSITIONS[self.cells[0]]
-            where = "in the center" if where == "center" else f"at the {where}"
-            return f"a {self.size} {self.color} {noun} {where}"
-        return f"{COUNTS[self.count - 1]} {self.size} {self.color} {noun}"
-
-    def attributes(self) -> dict[str, str]:
-        """Every attribute the scene has a value for, e.g. `{"color": "red", "count": "two", ...}`."""
-        return {c: self.answer(c) for c in CATEGORIES if self.answer(c) is not None}
-
-    def to_json(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "size": self.size, "cells": list(self.cells)}
-
-    def description(self) -> str:
-        if self.count == 1:
-            return f"There is {self.caption()} of the image."
-        return f"There are {self.caption()}."
-
-
-# ----------------------------------------------------------------------------------------------------------- scenes
-
-
-def random_scene(rng: random.Random, **fixed) -> Scene:
-    """A random scene; keyword arguments (`shape`, `color`, `size`, `count`, `cell`) pin attributes."""
-    count = fixed.get("count") or rng.choice((1, 1, 1, 2, 3, 4))  # half the scenes hold one object
-    if "cell" in fixed:
-        cells = (fixed["cell"],)
-    else:
-        cells = tuple(sorted(rng.sample(range(9), count)))
-    return Scene(
-        shape=fixed.get("shape") or rng.choice(SHAPES),
-        color=fixed.get("color") or rng.choice(tuple(COLORS)),
-        size=fixed.get("size") or rng.choice(SIZES),
-        cells=cells,
-    )
-
-
-def scene_for_answer(category: str, answer: str, rng: random.Random) -> Scene:
-    """A random scene whose answer to a `category` question is `answer` (balanced held-out sets)."""
-    if category == "count":
-        return random_scene(rng, count=COUNTS.index(answer) + 1)
-    if category in ("column", "row"):
-        other = rng.randrange(3)
-        row, col = (other, COLUMNS.index(answer)) if category == "column" else (ROWS.index(answer), other)
-        return random_scene(rng, count=1, cell=3 * row + col)
-    return random_scene(rng, **{category: answer})
-
-
-def render(scene: Scene, rng: random.Random, side: int = 192) -> Image.Image:
-    """Draw `scene` on a `side` x `side` canvas; objects are jittered a little inside their cells."""
-    image = Image.new("RGB", (side, side), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    cell = side / 3
-    radius = cell * (0.40 if scene.size == "big" else 0.26)
-    slack = cell * 0.06  # a little jitter; the object stays well inside its cell
-    fill = COLORS[scene.color]
-    for index in scene.cells:
-        row, col = divmod(index, 3)
-        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
-        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
-        if scene.shape == "circle":
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-        elif scene.shape == "square":
-            r = radius * 0.9  # same area impression as the circle
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon(
-                [(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=fill
-            )
-    return image
-
-
-def blank_image(side: int = 192) -> Image.Image:
-    """The background with no objects: the ablation's input."""
-    return Image.new("RGB", (side, side), BACKGROUND)
-
-
-# -------------------------------------------------------------------------------------------------------- questions
-
-
-def question_text(category: str, scene: Scene, rng: random.Random, short: bool = True) -> str:
-    """A `category` question about `scene`; `short` appends the single-word-answer instruction (as LLaVA-1.5's
-    VQA data does), otherwise the question stands alone and gets a sentence (`sentence_answer`)."""
-    singular, plural = rng.choice(_QUESTIONS[category])
-    question = singular if scene.count == 1 else plural
-    return f"{question}\n{SHORT_ANSWER}" if short else question
-
-
-_WHERE = {"left": "on the left", "right": "on the right", "center": "in the center", "middle": "in the middle"}
-
-
-def sentence_answer(category: str, scene: Scene) -> str:
-    """The answer to a plain `category` question as a sentence, e.g. "They are red." or "There are two shapes."."""
-    answer = scene.answer(category)
-    one = scene.count == 1
-    if category == "count":
-        return "There is one shape." if one else f"There are {answer} shapes."
-    if category == "shape":
-        return f"It is a {answer}." if one else f"They are {answer}s."
-    if category in ("column", "row"):
-        return f"It is {_WHERE.get(answer, 'at the ' + answer)}."
-    return f"It is {answer}." if one else f"They are {answer}."
-
-
-def applicable_categories(scene: Scene) -> list[str]:
-    return [c for c in CATEGORIES if scene.answer(c) is not None]
-
-
-def _turn(human: str, gpt: str) -> list[dict]:
-    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-
-
-def _image_conversation(turns: list[tuple[str, str]], rng: random.Random) -> list[dict]:
-    """(question, answer) turns as messages; the image marker goes with the first question, before or after it, as
-    in the LLaVA mix."""
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
-        if i == 0:
-            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-        conversations += _turn(question, answer)
-    return conversations
-
-
-def pretrain_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
-    """A stage-1 record: image + caption (the plain template ignores the instruction, as for LCS-558K)."""
-    prompt = rng.choice(_PRETRAIN_PROMPTS)
-    prompt = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
-    return {"id": f"demo-pt-{index:06d}", "image": image, "conversations": _turn(prompt, scene.caption())}
-
-
-def finetune_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
-    """A stage-2 record: every short-answer question the image allows (3-5, shuffled), sometimes a description."""
-    categories = applicable_categories(scene)
-    rng.shuffle(categories)
-    turns: list[tuple[str, str]] = []
-    for c in categories:  # mostly short answers (the held-out format), sometimes a plain question and a sentence
-        short = rng.random() >= PLAIN_QUESTION_SHARE
-        turns.append((question_text(c, scene, rng, short), scene.answer(c) if short else sentence_answer(c, scene)))
-    if rng.random() < 0.2:
-        turns.insert(rng.randint(0, len(turns)), (rng.choice(_DESCRIBE), scene.description()))
-    return {"id": f"demo-ft-{index:06d}", "image": image, "conversations": _image_conversation(turns, rng)}
-
-
-def mixed_record(index: int, image: str, scene: Scene, rng: random.Random) -> dict:
-    """A stage-2 record shaped like one of the parts of llava_v1_5_mix665k, so lengths vary as they do there:
-
-    - 45 % short VQA (VQAv2, OKVQA): one to three short-answer questions;
-    - 25 % many questions per image (GQA, OCR-VQA, RefCOCO): every question the image allows, in both phrasings;
-    - 20 % conversation (LLaVA-Instruct): plain questions answered with sentences, and a description;
-    - 10 % detailed description (detail_23k): one request, a description and a sentence per attribute.
-    """
-    categories = applicable_categories(scene)
-    rng.shuffle(categories)
-    kind = rng.random()
-    if kind < 0.45:
-        turns = [(question_text(c, scene, rng), scene.answer(c)) for c in categories[: rng.randint(1, 3)]]
-    elif kind < 0.70:
-        turns = []
-        for c in categories:
-            for singular, plural in _QUESTIONS[c]:
-                turns.append((f"{singular if scene.count == 1 else plural}\n{SHORT_ANSWER}", scene.answer(c)))
-        rng.shuffle(turns)
-    elif kind < 0.90:
-        turns = [(question_text(c, scene, rng, short=False), sentence_answer(c, scene)) for c in categories]
-        turns.insert(rng.randint(0, len(turns)), (rng.choice(_DESCRIBE), scene.description()))
-    else:
-        details = " ".join(sentence_answer(c, scene) for c in categories)
-        turns = [(rng.choice(_DESCRIBE), f"{scene.description()} {details}")]
-    return {"id": f"demo-mix-{index:06d}", "image": image, "conversations": _image_conversation(turns, rng)}
-
-
-def text_record(index: int, rng: random.Random, max_facts: int = 3) -> dict:
-    """A text-only record (no image) of one to `max_facts` facts."""
-    facts = rng.sample(TEXT_FACTS, rng.randint(1, max_facts))
-    conversations = []
-    for question, answer in facts:
-        conversations += _turn(f"{question}\n{SHORT_ANSWER}", answer)
-    return {"id": f"demo-text-{index:06d}", "conversations": conversations}
-
-
-# ---------------------------------------------------------------------------------------------------------- writing
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return os.path.join(getattr(instance, self.base), *self.parts)
 
 
 @dataclass
@@ -344,45 +81,16 @@ class DemoDataset:
 
     root: str
 
-    @property
-    def image_folder(self) -> str:
-        return os.path.join(self.root, "images")
-
-    @property
-    def pretrain_json(self) -> str:
-        return os.path.join(self.root, "pretrain.json")
-
-    @property
-    def finetune_json(self) -> str:
-        return os.path.join(self.root, "finetune.json")
-
-    @property
-    def eval_questions(self) -> str:
-        return os.path.join(self.root, "eval_questions.jsonl")
-
-    @property
-    def eval_questions_blank(self) -> str:
-        return os.path.join(self.root, "eval_questions_blank.jsonl")
-
-    @property
-    def eval_questions_text(self) -> str:
-        return os.path.join(self.root, "eval_questions_text.jsonl")
-
-    @property
-    def eval_answers(self) -> str:
-        return os.path.join(self.root, "eval_answers.jsonl")
-
-    @property
-    def scenes(self) -> str:
-        return os.path.join(self.root, "scenes.jsonl")
-
-    @property
-    def text_corpus(self) -> str:
-        return os.path.join(self.root, "text_corpus.txt")
-
-    @property
-    def manifest(self) -> str:
-        return os.path.join(self.root, "manifest.json")
+    image_folder = PathUnder("images")
+    pretrain_json = PathUnder("pretrain.json")
+    finetune_json = PathUnder("finetune.json")
+    eval_questions = PathUnder("eval_questions.jsonl")
+    eval_questions_blank = PathUnder("eval_questions_blank.jsonl")
+    eval_questions_text = PathUnder("eval_questions_text.jsonl")
+    eval_answers = PathUnder("eval_answers.jsonl")
+    scenes = PathUnder("scenes.jsonl")
+    text_corpus = PathUnder("text_corpus.txt")
+    manifest = PathUnder("manifest.json")
 
 
 def _write_json(path: str, data) -> None:
@@ -488,17 +196,6 @@ def generate(
         },
     )
     return ds
-
-
-def corpus_lines(*record_lists: list[dict]) -> list[str]:
-    """Every message text of the records, image markers removed: the demo's language corpus."""
-    lines = []
-    for records in record_lists:
-        for record in records:
-            for message in record["conversations"]:
-                text = message["value"].replace("<image>", "").strip()
-                lines += [line for line in text.split("\n") if line]
-    return lines
 
 
 def read_scenes(path: str, split: str = "train") -> list[tuple[str, Scene]]:
