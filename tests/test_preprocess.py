@@ -113,7 +113,10 @@ def test_supervised_tokens_are_the_replies(tokenizers, name, tok_name, conversat
 @pytest.mark.parametrize("tok_name", ["spm", "bpe_specials"])
 @pytest.mark.parametrize("name", sorted(conv_templates))
 def test_training_prompt_matches_inference_prompt(tokenizers, name, tok_name):
-    """The tokens before the first reply are exactly what `tokenizer_image_token` gives the model at inference."""
+    """The tokens before the first reply are exactly what `tokenizer_image_token` gives the template's own prompt.
+
+    The prompt here is built with the training marker layout; tests/test_prompt_agreement.py compares against the
+    real serving path (`LlavaEngine.build_prompt` + `encode`), which catches drift between the two."""
     tokenizer = tokenizers[tok_name]
     messages = CONVERSATIONS["single"]
     tokens = Preprocessor(tokenizer, name)(messages)
