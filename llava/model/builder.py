@@ -26,6 +26,7 @@ from llava.model.assemble import (  # noqa: F401  (QUANT_SKIP_MODULES: re-export
     config_object,
     from_pretrained_kwargs,
     load_weights,
+    parts_of_names,
 )
 from llava.model.checkpoint_format import (  # noqa: F401  (re-exported: their earlier home)
     TOKENIZER_FILES,
@@ -103,10 +104,6 @@ def _load_kwargs(load_8bit, load_4bit, device_map, device, use_flash_attn, dtype
             dtype = torch.float16
     bits = 8 if load_8bit else 4 if load_4bit else 16
     return from_pretrained_kwargs(dtype, attn_implementation(use_flash_attn), device_map, bits)
-
-
-def _is_tower_key(key: str) -> bool:
-    return ".vision_tower." in f".{key}"
 
 
 def _from_pretrained(spec, weights_dir: str, config, kwargs: dict, expect_missing=("tower",)):
@@ -382,6 +379,7 @@ def _apply_lora(model, lora_dir: str, merge: bool):
     with the non-LoRA weights)."""
     state, source = read_trained_state(lora_dir, "lora")
     loaded = load_trained_state(model, state, source)
+    tower_stored = "vision_tower" in parts_of_names(model, loaded.other)
 
     from peft import PeftConfig, PeftModel
 
@@ -393,7 +391,7 @@ def _apply_lora(model, lora_dir: str, merge: bool):
     model = PeftModel.from_pretrained(model, lora_dir, config=peft_config)
     if merge:
         model = model.merge_and_unload()
-    return model, any(_is_tower_key(k) for k in loaded.other)
+    return model, tower_stored
 
 
 def get_conv_mode(model_config, model_path: str = "", override: str | None = None) -> str:

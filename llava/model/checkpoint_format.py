@@ -141,7 +141,7 @@ def save_checkpoint_config(model: nn.Module, output_dir: str) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     tower = base.get_vision_tower() if hasattr(base, "get_vision_tower") else None
-    if tower is not None and any(p.requires_grad for n, p in tower.named_parameters() if "lora_" not in n):
+    if tower is not None and any(p.requires_grad for p in base.parts().get("vision_tower", ())):  # LoRA: own part
         # The stored tower weights are the run's own: loaders must use them, not reload `mm_vision_tower`.
         config.unfreeze_mm_vision_tower = True
     config.save_pretrained(output_dir)

@@ -151,15 +151,16 @@ def attach_vision(
     model, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, tokenizer=None
 ):
     """Attach the vision tower and projector (stage-1 weights when given) with `build_llava`, which writes the
-    multimodal config fields (and, with `tokenizer`, its padding side and length), so every checkpoint says how its
-    images and prompts were prepared. Returns the tower, or None for a text-only run."""
+    multimodal config fields (with `tokenizer`'s padding side and length), so every checkpoint says how its images
+    and prompts were prepared. Returns the tower, or None for a text-only run."""
     if not model_args.vision_tower:
         return None
     vision, projector, prompt = specs_from_args(model_args, data_args)
-    if tokenizer is not None:
-        prompt = dataclasses.replace(
-            prompt, tokenizer_padding_side=tokenizer.padding_side, tokenizer_model_max_length=tokenizer.model_max_length
-        )
+    prompt = dataclasses.replace(  # without `tokenizer`: what `load_tokenizer` sets
+        prompt,
+        tokenizer_padding_side=tokenizer.padding_side if tokenizer is not None else "right",
+        tokenizer_model_max_length=(tokenizer or training_args).model_max_length,
+    )
     with _zero3_init_paused(training_args):
         build_llava(model, vision, projector, prompt, record=run_record(model_args, training_args))
     tower = model.get_vision_tower()
