@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.inference import BatchDecoder, EncodedRequest, GenerationParams, LlavaEngine, RequestError
-from llava.serve.protocol import ErrorCode
+from llava.serve.protocol import ErrorCode, Event
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Job:
-    """One queued request. `emit` is called from the scheduler thread with event dicts:
-    progress `{"text", "error_code": 0}`, then one final event with `"finished": True` and either
-    `finish_reason` + `usage`, or a non-zero `error_code` and the message in `text`."""
+    """One queued request. `emit` is called from the scheduler thread with `Event`s (protocol.py): progress
+    `{"text", "error_code": 0}`, then one final event with `"finished": True` and either `finish_reason` + `usage`,
+    or a non-zero `error_code` and the message in `text`. They become bytes only at the worker's HTTP edge."""
 
     request: EncodedRequest
     params: GenerationParams
-    emit: Callable[[dict], None]
+    emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=lambda: next(_ids))
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -49,7 +49,7 @@ class QueueFull(Exception):
     pass
 
 
-def error_event(err: BaseException) -> dict:
+def error_event(err: BaseException) -> Event:
     """The final event for a request whose generation raised `err`: a message that names the real cause."""
     text = f"{type(err).__name__}: {err}"
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
@@ -63,7 +63,8 @@ def error_event(err: BaseException) -> dict:
         }
     if isinstance(err, RequestError):
         return {"text": str(err), "error_code": int(ErrorCode.BAD_REQUEST), "finished": True}
-    return {"text": f"Generation failed on the model worker: {text[:500]}", "error_code": 2, "finished": True}
+    message = f"Generation failed on the model worker: {text[:500]}"
+    return {"text": message, "error_code": int(ErrorCode.SERVER_ERROR), "finished": True}
 
 
 class Scheduler:
@@ -114,13 +115,13 @@ class Scheduler:
         return len(self._queue) + self._running
 
     @staticmethod
-    def _emit(job: Job, event: dict) -> None:
+    def _emit(job: Job, event: Event) -> None:
         try:
             job.emit(event)
         except Exception:  # a client's callback must never take the scheduler down
             logger.exception("Delivering an event for request %s failed", job.id)
 
-    def _beam_answer(self, job: Job) -> dict:
+    def _beam_answer(self, job: Job) -> Event:
         """The final event of a beam-search request: `generate` cannot stream beams, so one answer, no partials."""
         text = self.engine.generate_encoded([job.request], job.params, self.conv_mode)[0]
         usage = {"prompt_tokens": job.request.n_tokens, "completion_tokens": None}
@@ -168,7 +169,7 @@ class BatchScheduler(Scheduler):
             self._active.update(taken)
             return taken
 
-    def _finish(self, job: Job, event: dict) -> None:
+    def _finish(self, job: Job, event: Event) -> None:
         with self._cv:
             if job not in self._active:
                 return
@@ -293,7 +294,7 @@ class SerialScheduler(Scheduler):
             if event is not None:
                 self._emit(job, event)
 
-    def _serve(self, job: Job) -> dict | None:
+    def _serve(self, job: Job) -> Event | None:
         if job.params.num_beams > 1:
             return self._beam_answer(job)
         info: dict = {}

@@ -22,10 +22,8 @@ import random
 import threading
 import time
 
-import requests
-
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION
-from llava.serve.client import cluster_headers, cluster_key_from, post_json
+from llava.serve.client import CALL_ERRORS, AsyncClusterClient, ClusterClient, async_http, cluster_key_from
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
 from llava.serve.server_utils import (
     BadJSON,
@@ -54,7 +52,6 @@ DISPATCH_METHODS = ("lottery", "shortest_queue")
 PROBE_TICK_S = 0.25  # how often reported workers are considered for a probe
 PROBE_FIRST_S = 0.5  # first status probe of a reported worker; then doubling up to PROBE_MAX_S
 PROBE_MAX_S = 8.0
-RELAY_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # bounded by the workers' queues
 
 
 @dataclasses.dataclass
@@ -80,6 +77,7 @@ class Controller:
         self.dispatch_method = dispatch_method
         self.heart_beat_expiration = heart_beat_expiration
         self.cluster_key = cluster_key  # sent to workers; also required from every caller (see build_app)
+        self.client = ClusterClient(None, cluster_key, timeout=5)
         self.workers: dict[str, WorkerInfo] = {}
         # workers a client reported unreachable: not routed to until a status probe answers (name -> next probe)
         self.suspects: dict[str, tuple[float, float]] = {}
@@ -106,10 +104,8 @@ class Controller:
 
     def get_worker_status(self, worker_name: str) -> dict | None:
         try:
-            response = post_json(worker_name.rstrip("/") + "/worker_get_status", {}, self.cluster_key, timeout=5)
-            response.raise_for_status()
-            return _valid_status(response.json())
-        except (requests.RequestException, ValueError, ServeError) as err:
+            return _valid_status(self.client.worker_status(worker_name.rstrip("/")))
+        except (*CALL_ERRORS, ServeError) as err:
             logger.warning("Cannot get the status of worker %s: %s", worker_name, err)
             return None
 
@@ -267,9 +263,9 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
     @asynccontextmanager
     async def lifespan(app):
         controller.start()
-        app.state.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, pool=None), limits=RELAY_LIMITS)
-        yield
-        await app.state.http.aclose()
+        app.state.relay = AsyncClusterClient(None, controller.cluster_key, async_http())  # open connections are
+        yield  # bounded by the workers' queues
+        await app.state.relay.aclose()
         controller.stop()
 
     app = FastAPI(title="LLaVA controller", lifespan=lifespan)
@@ -352,17 +348,9 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
         if not address:  # answer with the error and stop here
             chunk = encode_chunk(_no_worker_message(model, controller.list_models()), ErrorCode.SERVER_ERROR)
             return StreamingResponse(iter([chunk]), status_code=503, media_type="application/octet-stream")
-        client: httpx.AsyncClient = request.app.state.http
-        try:
-            upstream = await client.send(
-                client.build_request(
-                    "POST",
-                    address + "/worker_generate_stream",
-                    content=raw,
-                    headers={"content-type": "application/json", **cluster_headers(controller.cluster_key)},
-                ),
-                stream=True,
-            )
+        relay: AsyncClusterClient = request.app.state.relay
+        try:  # the client's bytes go to the worker as they came, and the worker's bytes come back as they come
+            upstream = await relay.open_stream(address, raw=raw)
         except httpx.HTTPError as err:
             controller.report_unreachable(address)
             message = f"The worker {address} for `{model}` is unreachable ({type(err).__name__}); try again."

@@ -19,13 +19,11 @@ import os
 import threading
 import time
 
-import requests
-
 from llava.constants import LOGDIR
 from llava.conversation import IMAGE_PROCESS_MODES, Conversation, get_conv_template
 from llava.mm_utils import ImageLimits, ImageLoadError, _describe, load_images
-from llava.serve.client import cluster_headers, cluster_key_from, post_json
-from llava.serve.protocol import ErrorCode, iter_chunks
+from llava.serve.client import CALL_ERRORS, ClusterClient, NoWorker, cluster_key_from
+from llava.serve.protocol import explain, template_from_model_name
 from llava.serve.server_utils import (
     DEFAULT_HOST,
     add_cluster_args,
@@ -38,6 +36,7 @@ from llava.serve.server_utils import (
 require("gradio", extra="serve")
 
 import gradio as gr  # noqa: E402
+import httpx  # noqa: E402
 
 logger = logging.getLogger("llava.serve.gradio_web_server")
 
@@ -79,6 +78,7 @@ class WebServer:
         self.request_timeout = request_timeout
         self.max_new_tokens_limit = max_new_tokens_limit
         self.cluster_key = cluster_key  # sent to the controller and workers
+        self.client = ClusterClient(self.controller_url, cluster_key)
         self.image_limits = image_limits or ImageLimits()  # checked on each upload before it is decoded
         self._log_lock = threading.Lock()
         self.models = self.get_model_list() if model_list_mode == "once" else []
@@ -86,56 +86,40 @@ class WebServer:
     # -- controller --------------------------------------------------------------------------------------------
     def get_model_list(self) -> list[str]:
         try:
-            post_json(self.controller_url + "/refresh_all_workers", {}, self.cluster_key, timeout=10)
-            response = post_json(self.controller_url + "/list_models", {}, self.cluster_key, timeout=10)
-            response.raise_for_status()
-            return response.json().get("models", [])
-        except (requests.RequestException, ValueError) as err:
+            return self.client.list_models(refresh=True)
+        except CALL_ERRORS as err:
             logger.warning("Cannot list models from the controller at %s: %s", self.controller_url, err)
             return []
 
     def worker_for(self, model: str) -> str:
         """The address of a worker for `model`; raises `UserFacingError` with the reason when there is none."""
         try:
-            response = post_json(
-                self.controller_url + "/get_worker_address", {"model": model}, self.cluster_key, timeout=10
-            )
-            response.raise_for_status()
-            data = response.json()
-        except (requests.RequestException, ValueError) as err:
+            return self.client.get_worker_address(model)
+        except NoWorker as err:
+            raise UserFacingError(err.message) from err
+        except CALL_ERRORS as err:
             raise UserFacingError(
                 f"The controller at {self.controller_url} is not responding ({type(err).__name__}). "
                 "Ask the administrator to check it."
             ) from err
-        if not data.get("address"):
-            raise UserFacingError(data.get("error") or f"No worker is serving model `{model}` right now.")
-        return data["address"]
 
     def model_template(self, address: str, model: str = "") -> str:
         """The worker's own chat template (our `/model_details`); for a worker that lacks that endpoint (the
         original's, SGLang's), the template the original web UI would pick from the model name."""
         try:
-            response = post_json(address + "/model_details", {}, self.cluster_key, timeout=10)
-            if response.status_code in (404, 405):  # an original-protocol worker
-                template = template_from_model_name(model)
-                logger.info("Worker %s has no /model_details; template `%s` from its name", address, template)
-                return template
-            response.raise_for_status()
-            return response.json().get("conv_mode") or DEFAULT_TEMPLATE
-        except (requests.RequestException, ValueError) as err:
-            if isinstance(err, (requests.ConnectionError, requests.Timeout)):
-                self.report_unreachable(address)
+            details = self.client.model_details(address)
+        except CALL_ERRORS as err:
+            if isinstance(err, httpx.TransportError):
+                self.client.report_unreachable(address)
             raise UserFacingError(
                 f"The model worker at {address} is not responding ({type(err).__name__}); it may have stopped. "
                 "Try again in a few seconds or pick another model."
             ) from err
-
-    def report_unreachable(self, address: str) -> None:
-        """Tell the controller that `address` did not answer, so it stops routing to it until a probe succeeds."""
-        try:
-            post_json(self.controller_url + "/report_unreachable", {"worker_name": address}, self.cluster_key, 5)
-        except requests.RequestException as err:
-            logger.warning("Cannot report unreachable worker %s to the controller: %s", address, err)
+        if details is None:  # an original-protocol worker
+            template = template_from_model_name(model)
+            logger.info("Worker %s has no /model_details; template `%s` from its name", address, template)
+            return template
+        return details.get("conv_mode") or DEFAULT_TEMPLATE
 
     # -- logs --------------------------------------------------------------------------------------------------
     def _today(self) -> str:
@@ -183,30 +167,6 @@ def uploaded_image(**kwargs) -> gr.Image:
 
 class UserFacingError(Exception):
     """A failure whose message is shown in the chat."""
-
-
-def template_from_model_name(model: str) -> str:
-    """The chat template the original web UI picks from a model's name (used for workers without /model_details).
-    The original names two templates it does not define (`mistral_orca`, `mpt_text`); the nearest ones stand in."""
-    name = model.lower()
-    unfinetuned_plain = "plain" in name and "finetune" not in name
-    if "llava" in name:
-        if "llama-2" in name:
-            return "llava_llama_2"
-        if "mistral" in name or "mixtral" in name:
-            return "chatml_direct" if "hermes" in name else "mistral_instruct"
-        if "llava-v1.6-34b" in name:
-            return "chatml_direct"
-        if "v1" in name:
-            return "v1_mmtag" if "mmtag" in name or unfinetuned_plain else "llava_v1"
-        if "mpt" in name:
-            return "mpt"
-        return "v0_mmtag" if "mmtag" in name or unfinetuned_plain else "llava_v0"
-    if "mpt" in model:
-        return "mpt"
-    if "llama-2" in model:
-        return "llama_2"
-    return "vicuna_v1"
 
 
 def new_conversation() -> Conversation:
@@ -408,42 +368,24 @@ def build_demo(server: WebServer, embed: bool = False, upload_max_age: int | Non
 def stream_reply(server: WebServer, address: str, model: str, payload: dict):
     """Yield the growing reply from a worker; raise `UserFacingError` with the worker's reason on failure."""
     prompt = payload["prompt"]
+    started = False
     try:
-        response = requests.post(
-            address + "/worker_generate_stream",
-            json=payload,
-            headers=cluster_headers(server.cluster_key),
-            stream=True,
-            timeout=(10, server.request_timeout),
-        )
-    except requests.RequestException as err:
-        server.report_unreachable(address)
+        for data in server.client.generate_stream(address, payload, httpx.Timeout(10.0, read=server.request_timeout)):
+            started = True
+            code = data.get("error_code", 0)
+            if code:
+                raise UserFacingError(explain(code, data.get("text", "")))
+            yield data["text"][len(prompt) :].strip()
+    except httpx.HTTPError as err:
+        server.client.report_unreachable(address)
+        if started:
+            raise UserFacingError(
+                f"The connection to the worker for `{model}` broke mid-answer ({type(err).__name__}); try again."
+            ) from err
         raise UserFacingError(
             f"The model worker for `{model}` at {address} is not responding ({type(err).__name__}); it may have "
             "stopped. Try again in a few seconds or pick another model."
         ) from err
-    with response:
-        try:
-            for data in iter_chunks(response.iter_content(chunk_size=None)):
-                code = data.get("error_code", 0)
-                if code:
-                    raise UserFacingError(_explain(code, data.get("text", "")))
-                if response.status_code != 200:
-                    raise UserFacingError(f"The worker answered HTTP {response.status_code}: {data.get('text')}")
-                yield data["text"][len(prompt) :].strip()
-        except requests.RequestException as err:
-            server.report_unreachable(address)
-            raise UserFacingError(
-                f"The connection to the worker for `{model}` broke mid-answer ({type(err).__name__}); try again."
-            ) from err
-
-
-def _explain(code: int, message: str) -> str:
-    if code == ErrorCode.BAD_REQUEST:
-        return f"The request was rejected: {message}"
-    if code == ErrorCode.OVERLOADED:
-        return f"The server is out of memory or overloaded: {message}"
-    return message or f"The worker failed (error_code {code})."
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,19 +21,13 @@ import math
 import threading
 import time
 
-import requests
-
-from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    WORKER_HEART_BEAT_INTERVAL,
-)
-from llava.inference import EncodedRequest, GenerationParams, LlavaEngine, RequestError
+from llava.constants import WORKER_HEART_BEAT_INTERVAL
+from llava.inference import ORIGINAL_WORKER_DEFAULTS, EncodedRequest, GenerationParams, LlavaEngine, RequestError
 from llava.mm_utils import ImageLimits, ImageLoadError, get_model_name_from_path, load_images
+from llava.prompting import wrap_image_markers
 from llava.runtime import add_threads_argument, configure_threads
 from llava.serve.batching import BatchScheduler, Job, QueueFull, SerialScheduler
-from llava.serve.client import cluster_headers, cluster_key_from, post_json
+from llava.serve.client import CALL_ERRORS, ClusterClient, cluster_key_from
 from llava.serve.protocol import ErrorCode, ServeError, encode_chunk
 from llava.serve.server_utils import (
     BadJSON,
@@ -89,6 +83,7 @@ class ModelWorker:
         self.image_limits = image_limits or ImageLimits()
         self.max_images = self.image_limits.max_images
         self.cluster_key = cluster_key  # required from callers (see build_app) and sent to the controller
+        self.client = ClusterClient(self.controller_addr, cluster_key)
         self.heart_beat_interval = heart_beat_interval
         self.max_new_tokens_limit = max_new_tokens_limit
         if batching:
@@ -122,10 +117,9 @@ class ModelWorker:
     # -- requests ----------------------------------------------------------------------------------------------
     def _model_prompt(self, prompt: str) -> str:
         """The prompt with `<image>` wrapped in start/end tokens for models trained that way (as the original)."""
-        if not getattr(self.engine.config, "mm_use_im_start_end", False):
-            return prompt
-        wrapped = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        return prompt.replace(wrapped, DEFAULT_IMAGE_TOKEN).replace(DEFAULT_IMAGE_TOKEN, wrapped)
+        return wrap_image_markers(
+            prompt, mm_use_im_start_end=bool(getattr(self.engine.config, "mm_use_im_start_end", False))
+        )
 
     def prepare(self, body: dict) -> tuple[str, EncodedRequest, GenerationParams]:
         """Validate a `/worker_generate_stream` body; every problem is a `ServeError` naming the field."""
@@ -137,14 +131,12 @@ class ModelWorker:
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise ServeError(f"This worker serves `{self.model_name}`, not `{model}`; ask the controller for a worker.")
-        params = GenerationParams(
-            # the original worker's defaults: temperature 1.0, 256 new tokens, capped at 1024 (--max-new-tokens-limit)
-            temperature=_number(body, "temperature", 1.0, float),
-            top_p=_number(body, "top_p", 1.0, float),
-            max_new_tokens=min(_number(body, "max_new_tokens", 256, int), self.max_new_tokens_limit),
-            num_beams=_number(body, "num_beams", 1, int),
-            stop=_stop(body.get("stop")),
-        )
+        # the original worker's defaults (temperature 1.0, 256 new tokens); any larger whole `max_new_tokens` is cut
+        # to --max-new-tokens-limit (1024) as the original cut it, before the shared range check sees it
+        limit, asked = self.max_new_tokens_limit, body.get("max_new_tokens")
+        if type(asked) in (int, float) and math.isfinite(asked) and asked > limit and asked == int(asked):
+            body = {**body, "max_new_tokens": limit}
+        params = GenerationParams.from_request(body, ORIGINAL_WORKER_DEFAULTS, max_new_tokens_limit=limit)
         sources = body.get("images") or []
         if isinstance(sources, str):
             sources = [sources]
@@ -171,11 +163,7 @@ class ModelWorker:
         self.scheduler.stop()
 
     def register(self) -> bool:
-        url = self.controller_addr + "/register_worker"
-        body = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.status()}
-        response = post_json(url, body, self.cluster_key, timeout=5)
-        if response.status_code != 200:
-            raise ValueError(f"the controller refused registration ({response.status_code}: {response.text[:200]})")
+        self.client.register(self.worker_addr, self.status())
         logger.info("Registered %s (model `%s`) with %s", self.worker_addr, self.model_name, self.controller_addr)
         return True
 
@@ -183,12 +171,9 @@ class ModelWorker:
         deadline = time.monotonic() + timeout
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                health = requests.get(
-                    self.worker_addr + "/health", headers=cluster_headers(self.cluster_key), timeout=1
-                )
-                if health.status_code == 200:
+                if self.client.health(self.worker_addr, timeout=1):
                     return
-            except requests.RequestException:
+            except CALL_ERRORS:
                 pass
             self._stop.wait(0.2)
 
@@ -203,20 +188,11 @@ class ModelWorker:
                     if self.register():
                         self.registered.set()
                         retry = 0.5
-                else:
-                    response = post_json(
-                        self.controller_addr + "/receive_heart_beat",
-                        {"worker_name": self.worker_addr, "queue_length": self.scheduler.queue_length},
-                        self.cluster_key,
-                        timeout=5,
-                    )
-                    if response.status_code == 401:
-                        raise ValueError("the controller refused the cluster key (401); set the same --cluster-key")
-                    if not response.json().get("exist", False):
-                        logger.info("The controller does not know this worker (restarted?); registering again.")
-                        self.registered.clear()
-                        continue
-            except (requests.RequestException, ValueError) as err:
+                elif not self.client.heartbeat(self.worker_addr, self.scheduler.queue_length):
+                    logger.info("The controller does not know this worker (restarted?); registering again.")
+                    self.registered.clear()
+                    continue
+            except CALL_ERRORS as err:
                 if time.monotonic() - warned > 30:
                     logger.warning(
                         "Cannot register with the controller at %s: %s; retrying.", self.controller_addr, err
@@ -232,31 +208,6 @@ class ModelWorker:
 def _short(value) -> str:
     text = repr(value)
     return f"`{text[:60]}...`" if len(text) > 60 else f"`{text}`"
-
-
-def _number(body: dict, name: str, default, kind):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ServeError(f"`{name}` must be a number, got {_short(value)}.")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ServeError(f"`{name}` must be a finite number, got {_short(value)}.")
-    if kind is int:
-        if value != int(value):
-            raise ServeError(f"`{name}` must be a whole number, got {_short(value)}.")
-        return int(value)
-    return float(value)
-
-
-def _stop(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return value
-    raise ServeError(f"`stop` must be a string or a list of strings, got {_short(value)}.")
 
 
 def build_app(worker: ModelWorker, max_request_bytes: int):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import requests
-
-from llava.serve.client import cluster_key_from, post_json
+from llava.serve.client import CALL_ERRORS, ClusterClient, Refused, cluster_key_from
 from llava.serve.server_utils import add_cluster_args
 
 
@@ -30,15 +28,14 @@ def main(argv=None) -> int:
     )
     add_cluster_args(parser)
     args = parser.parse_args(argv)
-    body = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat}
+    client = ClusterClient(args.controller_address, cluster_key_from(args.cluster_key))
     try:
-        url = args.controller_address.rstrip("/") + "/register_worker"
-        response = post_json(url, body, cluster_key_from(args.cluster_key), timeout=10)
-    except requests.RequestException as err:
-        print(f"The controller at {args.controller_address} is unreachable: {err}", file=sys.stderr)
+        client.register(args.worker_name.rstrip("/"), check_heart_beat=args.check_heart_beat)
+    except Refused as err:
+        print(f"Registration refused: {err}", file=sys.stderr)
         return 1
-    if response.status_code != 200:
-        print(f"Registration refused ({response.status_code}): {response.text}", file=sys.stderr)
+    except CALL_ERRORS as err:
+        print(f"The controller at {args.controller_address} is unreachable: {err}", file=sys.stderr)
         return 1
     print(f"Registered {args.worker_name} with {args.controller_address}.")
     return 0

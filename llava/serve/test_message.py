@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import requests
-
 from llava.conversation import get_conv_template
-from llava.serve.client import cluster_key_from, post_json, stream_worker
+from llava.serve.client import CALL_ERRORS, ClusterClient, NoWorker, Refused, cluster_key_from
+from llava.serve.protocol import explain, template_from_model_name
 from llava.serve.server_utils import add_cluster_args
 
 
@@ -31,34 +30,25 @@ def main(argv=None) -> int:
     parser.add_argument("--message", default="Tell me a story with more than 1000 words.")
     add_cluster_args(parser)
     args = parser.parse_args(argv)
-    key = cluster_key_from(args.cluster_key)
-
-    controller = args.controller_address.rstrip("/")
+    client = ClusterClient(args.controller_address, cluster_key_from(args.cluster_key))
     worker = args.worker_address
     model = args.model_name
     try:
         if worker is None:
-            refreshed = post_json(controller + "/refresh_all_workers", {}, key, timeout=10)
-            if refreshed.status_code == 401:
-                print("The controller refused the cluster key (401): pass --cluster-key.", file=sys.stderr)
-                return 1
-            models = post_json(controller + "/list_models", {}, key, timeout=10).json()["models"]
+            models = client.list_models(refresh=True)
             print(f"Models: {', '.join(models) or 'none'}")
             model = model or (models[0] if models else None)
             if model is None:
                 print("No model is served; start a model worker first.", file=sys.stderr)
                 return 1
-            answer = post_json(controller + "/get_worker_address", {"model": model}, key, timeout=10).json()
-            worker = answer.get("address")
-            if not worker:
-                print(answer.get("error") or f"No worker serves `{model}`.", file=sys.stderr)
-                return 1
+            worker = client.get_worker_address(model)
         worker = worker.rstrip("/")
-        details = post_json(worker + "/model_details", {}, key, timeout=10).json()
-        model = model or details.get("model_name")
-        print(f"Worker: {worker} ({model}, template `{details.get('conv_mode')}`)")
+        details = client.model_details(worker)  # None: an original-protocol worker; its template from its name
+        model = model or (details or {}).get("model_name")
+        conv_mode = (details or {}).get("conv_mode") or template_from_model_name(model or "")
+        print(f"Worker: {worker} ({model}, template `{conv_mode}`)")
 
-        conv = get_conv_template(details.get("conv_mode") or "llava_v1")
+        conv = get_conv_template(conv_mode)
         conv.append_message(conv.roles[0], args.message)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
@@ -71,15 +61,24 @@ def main(argv=None) -> int:
         }
         print(f"{conv.roles[0]}: {args.message}\n{conv.roles[1]}: ", end="", flush=True)
         shown = ""
-        for data in stream_worker(worker + "/worker_generate_stream", payload, key, timeout=(10, 300)):
+        for data in client.generate_stream(worker, payload):
             if data.get("error_code"):
-                print(f"\n[error {data['error_code']}: {data.get('text')}]", file=sys.stderr)
+                print(
+                    f"\n[error {data['error_code']}: {explain(data['error_code'], data.get('text', ''))}]",
+                    file=sys.stderr,
+                )
                 return 1
             text = data["text"][len(prompt) :].strip()
             print(text[len(shown) :] if text.startswith(shown) else "\n" + text, end="", flush=True)
             shown = text
         print()
-    except (requests.RequestException, ValueError, KeyError) as err:
+    except NoWorker as err:
+        print(err.message, file=sys.stderr)
+        return 1
+    except Refused as err:
+        print(f"Refused: {err}", file=sys.stderr)
+        return 1
+    except (*CALL_ERRORS, KeyError) as err:
         print(f"\n[error: {type(err).__name__}: {err}]", file=sys.stderr)
         return 1
     return 0
