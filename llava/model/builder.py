@@ -246,7 +246,8 @@ def load_pretrained_model(
     not store one; it never decides how the checkpoint is loaded. `device`: None (the default, where the original
     said "cuda") picks the best device available (cuda, mps, cpu) and logs it; a device named explicitly must
     exist. `vision_tower` overrides the config's `mm_vision_tower` (e.g. a local copy of CLIP). `merge_lora=False`
-    keeps a LoRA as a `PeftModel`.
+    keeps a LoRA as a `PeftModel`. Of the `**kwargs` the original passed on to `from_pretrained`, `torch_dtype` (as
+    `dtype`) and `low_cpu_mem_usage` are accepted; any other keyword is a TypeError naming it.
 
     The vision tower is loaded from `mm_vision_tower`, as the original does, even when the checkpoint also stores
     tower weights; stored tower weights are used when the config says the run trained the tower
