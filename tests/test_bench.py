@@ -300,6 +300,23 @@ def test_serve_benchmark_runs_and_outputs_match(tmp_path):
     assert report["near_ties"] >= 0
 
 
+@pytest.mark.slow  # our stack plus `transformers serve` on the exported weights
+def test_serve_benchmark_drives_transformers_serve_beside_ours(tmp_path):
+    out = tmp_path / "serve.json"
+    text = run_script(
+        "serve_throughput.py",
+        *("--preset", "tiny", "--concurrency", "1,2", "--rounds", "1", "--max-new-tokens", "6", "--warmup", "1"),
+        *("--min-requests", "2", "--single-stream-rounds", "0", "--api", "openai", "--peer", "transformers-serve"),
+        *("--work-dir", str(tmp_path), "--json-out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == 0 and report["errors"] == 0
+    sides = [(s["concurrency"], "ours" in s, "peer" in s) for s in report["summary"]]
+    assert sides == [(1, True, True), (2, True, True)]
+    assert "## Ours (through our OpenAI API server) vs transformers-serve" in text
+    assert "transformers-serve vs the one-at-a-time reply, every request): True" in text
+
+
 @pytest.mark.slow  # three training processes
 def test_train_benchmark_runs_with_equal_start_loss(tmp_path):
     out = tmp_path / "train.json"

@@ -1,11 +1,14 @@
-"""Serving benchmark: our batching worker against the original worker design, same model, same machine, same run.
+"""Serving benchmark: our batching worker against the original worker design and, with `--peer`, against an engine
+users would run instead, same model, same machine, same run.
 
 Starts a controller, two model workers on one checkpoint and the OpenAI-compatible API server, then drives the
-workers with N concurrent clients over HTTP, alternating the two workers round by round:
+workers with N concurrent clients over HTTP, alternating the sides round by round:
 
   ours      `--batching on`: continuous batching over one KV cache, image-feature and prefix caches, N rows at once
   baseline  `--batching off --limit-model-concurrency 1 --image-cache-mb 0 --prefix-cache-mb 0`: the original LLaVA
             worker, one HF `generate` per request, one request at a time
+  peer      `--peer transformers-serve`: `transformers serve` on the same weights exported to llava-hf
+            (`llava.model.convert_hf`), driven by the same OpenAI client as our API server, at every concurrency
 
 Every request is greedy, so both workers should return the same text. Batching changes the decoder's matrix shapes,
 and on some CPUs and GPUs the rounding follows (logits agree within `llava.inference.GREEDY_TIE_TOLERANCE`), so a
@@ -18,9 +21,12 @@ a plain HF `generate` call on the same model, alternating, with the same check.
     python scripts/bench/serve_throughput.py --preset tiny --concurrency 2 --rounds 1 --max-new-tokens 8 --warmup 1
     python scripts/bench/serve_throughput.py --device cuda --threads 0 --concurrency 1,16,64      # GPU, bf16
     python scripts/bench/serve_throughput.py --device cuda --threads 0 --model-path DIR --concurrency 1,16,64
+    python scripts/bench/serve_throughput.py --peer transformers-serve --concurrency 1,16,64 --api openai
 
 Figures, medians over rounds: output tokens/s and requests/s (all clients together, first request sent to last
 reply), time to first token (TTFT) and time per output token after the first (TPOT), p50 and p99 over requests.
+Through the OpenAI API, ours and the peer are measured at every concurrency, the baseline at the highest only (with
+`--peer none`, all three at the highest only: the API layer adds a hop, not a different engine).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ TEXT_QUESTIONS = (
     "Explain what a triangle is to a child.",
     "List three colours and a thing of each colour.",
 )
+PEER = "transformers-serve"
 PALETTE = ((220, 38, 38), (34, 160, 60), (37, 80, 220), (240, 200, 20), (140, 55, 190), (245, 125, 20))
 
 
@@ -334,10 +341,12 @@ def split_near_ties(args, ckpt: str, conv_mode: str, mismatches: list) -> tuple[
         images = [Image.open(io.BytesIO(base64.b64decode(request.image))).convert("RGB")] if request.image else []
         params = GenerationParams(temperature=0, max_new_tokens=request.max_new_tokens)
         prompt = worker_prompt(conv_mode, request)
-        ours = text if mode == "ours" else reference
-        _, margin = greedy_divergence(engine, prompt, images, params, ours)
-        row = (api, conc, rid, reference[:60], text[:60], margin)
-        (ties if margin is not None and margin <= GREEDY_TIE_TOLERANCE else real).append(row)
+        # Either side may be the one that departs from the reply generated alone (the reference may be a batched
+        # reply too): each departure must be a near tie.
+        margins = [greedy_divergence(engine, prompt, images, params, t)[1] for t in (reference, text)]
+        departed = [m for m in margins if m is not None]
+        row = (api, conc, mode, rid, reference[:60], text[:60], max(departed, default=None))
+        (ties if departed and all(m <= GREEDY_TIE_TOLERANCE for m in departed) else real).append(row)
     return ties, real
 
 
@@ -373,6 +382,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="Alternating rounds; figures are medians over rounds.")
     p.add_argument("--warmup", type=int, default=2, help="Warm-up requests per worker before measuring.")
     p.add_argument("--api", default="worker,openai", help="worker (original protocol), openai, or both.")
+    p.add_argument(
+        "--peer",
+        default="none",
+        choices=["none", PEER],
+        help="Also serve the weights with this engine (exported to llava-hf) and drive it over its OpenAI API.",
+    )
     p.add_argument("--single-stream-rounds", type=int, default=3, help="0 skips the in-process decode comparison.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="Where the model and logs go (default: a temp dir).")
@@ -383,6 +398,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [a for a in args.api if a not in ("worker", "openai")]
     if bad or not args.api:
         p.error(f"--api {','.join(args.api)}: choose from worker, openai.")
+    if args.peer != "none" and "openai" not in args.api:
+        p.error(f"--peer {args.peer} is driven over the OpenAI API: include openai in --api.")
     return args
 
 
@@ -414,7 +431,85 @@ def start_servers(args, ckpt: str, work: str) -> tuple[list[bc.Server], dict]:
         servers.append(bc.Server("openai", "llava.serve.openai_api_server", argv, work, env))
     for server, name in zip(servers, ("controller", "ours", "baseline", "openai")):
         server.wait_http(urls[name] + "/health")
+    if args.peer != "none":
+        servers.append(start_peer(args, ckpt, work, env, urls))
     return servers, urls
+
+
+MEDIAN_FIELDS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+
+
+def print_peer_table(summary: list[dict]) -> None:
+    """Ours through our OpenAI API server against the peer engine, medians over rounds."""
+    rows = []
+    for row in summary:
+        ours, peer = row.get("ours"), row.get("peer")
+        if row["api"] != "openai" or not ours or not peer:
+            continue
+        rows.append(
+            [
+                row["concurrency"],
+                f"{ours['tokens_per_s']:.1f}",
+                f"{peer['tokens_per_s']:.1f}",
+                f"**{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x**",
+                f"{ours['ttft_p99_ms']:.0f}",
+                f"{peer['ttft_p99_ms']:.0f}",
+            ]
+        )
+    print(f"\n## Ours (through our OpenAI API server) vs {PEER} (medians over rounds)\n")
+    header = ["clients", "ours tok/s", f"{PEER} tok/s", "ratio", "ours TTFT p99 ms", f"{PEER} TTFT p99 ms"]
+    print(bc.table(rows, header))
+
+
+def words_only(ckpt: str, out: str) -> str:
+    """A copy of `ckpt` whose output layer never picks a byte-fallback token (`<0x..>`: their `lm_head` rows set to
+    zero, so their logits are 0 while the best word's is well above). Random weights otherwise write byte soup
+    that `transformers serve` cannot stream ("Invalid prefix encountered while decoding stream"); a trained model
+    writes words. Every side of the run serves this copy."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ckpt, out)
+    weights = os.path.join(out, "model.safetensors")
+    if not os.path.exists(weights):
+        raise SystemExit(f"--peer needs a single-file checkpoint (model.safetensors); {ckpt} has none.")
+    state = load_file(weights)
+    vocab = AutoTokenizer.from_pretrained(ckpt).get_vocab()
+    byte_ids = [i for token, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token)]
+    state["lm_head.weight"][byte_ids] = 0
+    save_file(state, weights, metadata={"format": "pt"})
+    return out
+
+
+def start_peer(args, ckpt: str, work: str, env: dict, urls: dict) -> bc.Server:
+    """`transformers serve` on the checkpoint exported to llava-hf (the model loads on its first request); its URL
+    goes in `urls["peer"]`, the model id it answers to in `urls["peer_model"]`."""
+    import shutil
+
+    from llava.model.convert_hf import export_to_hf
+
+    exported = os.path.join(work, "peer-llava-hf")
+    shutil.rmtree(exported, ignore_errors=True)
+    export_to_hf(ckpt, exported)
+    port = bc.free_port()
+    argv = ["serve", exported, "--host", "127.0.0.1", "--port", str(port), "--device", args.device]
+    server = bc.Server(PEER, "transformers.cli.transformers", argv, work, env)
+    urls["peer"], urls["peer_model"] = f"http://127.0.0.1:{port}", exported
+    server.wait_http(urls["peer"] + "/health")
+    return server
+
+
+def measured_modes(args, api: str, conc: int) -> list[str]:
+    """The sides measured over `api` at `conc` clients (see the module docstring)."""
+    if api == "worker":
+        return ["ours", "baseline"]
+    peer = args.peer != "none"
+    top = conc == max(args.concurrency)
+    return [m for m, on in (("ours", peer or top), ("baseline", top), ("peer", peer)) if on]
 
 
 def wait_registered(urls: dict, timeout: float = 60.0) -> None:
@@ -439,6 +534,8 @@ def main(argv=None) -> int:
     work = args.work_dir or tempfile.mkdtemp(prefix="llava-bench-serve-")
     os.makedirs(work, exist_ok=True)
     ckpt = args.model_path or bc.build_checkpoint(os.path.join(work, args.preset), bc.preset(args.preset))
+    if args.peer != "none" and not args.model_path:
+        ckpt = words_only(ckpt, os.path.join(work, args.preset, "llava-words"))
     print(f"# Serving benchmark\nmachine: {bc.machine()}\ncheckpoint: {ckpt}\nargs: {vars(args)}\n", flush=True)
     report: dict = {"machine": bc.machine(), "args": vars(args)}
     failures = []
@@ -475,6 +572,8 @@ def main(argv=None) -> int:
                 for mode in ("ours", "baseline")
             }
         )
+        if args.peer != "none":
+            calls["openai", "peer"] = lambda req, res: call_openai(urls["peer"] + "/v1", urls["peer_model"], req, res)
         warm = make_workload(args.warmup, args.max_new_tokens, 1, 0.0, args.seed + 1000)
         for key, call in calls.items():
             if key[0] in args.api:
@@ -487,10 +586,9 @@ def main(argv=None) -> int:
                 workload = make_workload(
                     n, args.max_new_tokens, args.distinct_images, args.text_only, args.seed, args.min_new_fraction
                 )
-                modes = ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")
-                # The OpenAI layer adds a hop, not a different engine: measured at the highest concurrency only.
-                apis = [a for a in args.api if a == "worker" or conc == max(args.concurrency)]
-                for api in apis:
+                for api in args.api:
+                    modes = measured_modes(args, api, conc)
+                    modes = modes[r % len(modes) :] + modes[: r % len(modes)]  # each side goes first in turn
                     for mode in modes:
                         stats = summarize(mode, api, conc, run_load(calls[(api, mode)], workload, conc))
                         runs.append(stats)
@@ -505,14 +603,17 @@ def main(argv=None) -> int:
         for server in reversed(servers):
             server.stop()
 
-    # Parity: every request's greedy reply must be the same from both workers, per API and across rounds.
+    # Parity: every request's greedy reply must be the same from every side, per API and across rounds. The reference
+    # is the one-at-a-time baseline's reply (from the other API when this one did not run it), else ours.
     mismatches = []
     for api in args.api:
         for conc in args.concurrency:
             group = [s for s in runs if s.api == api and s.concurrency == conc]
             if not group:
                 continue
-            reference = next((s.texts for s in group if s.mode == "baseline"), {})
+            same_load = [s for s in runs if s.concurrency == conc and s.mode == "baseline"]
+            candidates = [s for s in group if s.mode == "baseline"] + same_load + [s for s in group if s.mode == "ours"]
+            reference = candidates[0].texts if candidates else {}
             for s in group:
                 for rid, text in s.texts.items():
                     if rid in reference and reference[rid] != text:
@@ -527,30 +628,22 @@ def main(argv=None) -> int:
             if not any(s.api == api and s.concurrency == conc for s in runs):
                 continue
             med = {}
-            for mode in ("baseline", "ours"):
+            for mode in ("baseline", "ours", "peer"):
                 group = [s for s in runs if s.api == api and s.concurrency == conc and s.mode == mode]
-                med[mode] = {
-                    k: bc.median([getattr(s, k) for s in group])
-                    for k in (
-                        "tokens_per_s",
-                        "requests_per_s",
-                        "ttft_p50_ms",
-                        "ttft_p99_ms",
-                        "tpot_p50_ms",
-                        "tpot_p99_ms",
-                    )
-                }
+                if not group:
+                    continue
+                med[mode] = {k: bc.median([getattr(s, k) for s in group]) for k in MEDIAN_FIELDS}
                 m = med[mode]
                 rows.append(
                     [
                         api,
                         conc,
-                        mode,
+                        PEER if mode == "peer" else mode,
                         f"{m['tokens_per_s']:.1f}",
                         f"{m['requests_per_s']:.2f}",
                         f"{m['ttft_p50_ms']:.0f} / {m['ttft_p99_ms']:.0f}",
                         f"{m['tpot_p50_ms']:.1f} / {m['tpot_p99_ms']:.1f}",
-                        f"{m['tokens_per_s'] / med['baseline']['tokens_per_s']:.2f}x" if mode == "ours" else "1.00x",
+                        f"{m['tokens_per_s'] / med['baseline']['tokens_per_s']:.2f}x" if "baseline" in med else "-",
                     ]
                 )
             summary.append({"api": api, "concurrency": conc, **{k: v for k, v in med.items()}})
@@ -563,10 +656,20 @@ def main(argv=None) -> int:
         f"hits {cache.get('hits')} / misses {cache.get('misses')}; prefix cache hits {prefix.get('hits')} / misses "
         f"{prefix.get('misses')}"
     )
+    ours_differ = [m for m in mismatches if m[2] != "peer"]
+    ours_ties = [m for m in near_ties if m[2] != "peer"]
     print(
-        f"identical greedy outputs (ours vs baseline, every request): {not mismatches and not near_ties} "
-        f"({len(mismatches)} differ, {len(near_ties)} more at near ties of the top two logits)"
+        f"identical greedy outputs (ours vs baseline, every request): {not ours_differ and not ours_ties} "
+        f"({len(ours_differ)} differ, {len(ours_ties)} more at near ties of the top two logits)"
     )
+    if args.peer != "none":
+        print_peer_table(summary)
+        differ = [m for m in mismatches if m[2] == "peer"]
+        ties = [m for m in near_ties if m[2] == "peer"]
+        print(
+            f"identical greedy outputs ({PEER} vs the one-at-a-time reply, every request): {not differ and not ties} "
+            f"({len(differ)} differ, {len(ties)} more at near ties of the top two logits)"
+        )
     print(f"failed requests: {errors}")
     for m in near_ties[:5]:
         print("  near tie:", m)
