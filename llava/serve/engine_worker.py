@@ -14,6 +14,8 @@ where our own worker's would; `--engine-stop local` applies them only here (for 
 `transformers serve` with vision-language models), closing the engine's stream at the first stop string.
 An engine that does not answer at start-up stops the worker with an error naming its URL (`--engine-wait` waits
 for one that is still loading); one that goes away later fails each request with that URL in the message.
+The prompt -> messages translation is `llava.serve.engine_prompt`, the engine's HTTP client `llava.serve.engine_client`;
+`llava.serve.sglang_worker` is this worker with the original sglang_worker's flags. Recipes: docs/Serving.md.
 """
 
 from __future__ import annotations
@@ -29,29 +31,15 @@ from llava.constants import WORKER_HEART_BEAT_INTERVAL
 from llava.conversation import UnknownTemplateError, get_conv_template, guess_conv_mode, to_chat_template_jinja
 from llava.inference import ORIGINAL_WORKER_DEFAULTS, GenerationParams, RequestError
 from llava.mm_utils import ImageLimits, ImageLoadError, get_model_name_from_path, load_images
+from llava.serve import server_utils as su
 from llava.serve.batching import QueueFull
 from llava.serve.client import ClusterClient, cluster_key_from
 from llava.serve.engine_client import EngineClient, EngineInfo, EngineUnavailable, probe_engine
 from llava.serve.engine_prompt import image_data_url, to_messages
 from llava.serve.model_worker import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, ModelWorker
 from llava.serve.protocol import ErrorCode, ServeError
-from llava.serve.server_utils import (
-    BadJSON,
-    BodyLimitMiddleware,
-    ClusterKeyMiddleware,
-    add_cluster_args,
-    add_image_limit_args,
-    add_server_args,
-    image_limits_from,
-    local_url,
-    read_json_object,
-    require,
-    run_server,
-    setup_logging,
-    warn_if_exposed,
-)
 
-require("fastapi", "uvicorn", "httpx")
+su.require("fastapi", "uvicorn", "httpx")
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
@@ -223,8 +211,8 @@ def build_app(worker: EngineWorker, max_request_bytes: int):
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request):
         try:
-            forward = await run_in_threadpool(worker.prepare, await read_json_object(request))
-        except BadJSON as err:
+            forward = await run_in_threadpool(worker.prepare, await su.read_json_object(request))
+        except su.BadJSON as err:
             return reject(ServeError(str(err)))
         except ServeError as err:
             return reject(err)
@@ -274,7 +262,9 @@ def build_app(worker: EngineWorker, max_request_bytes: int):
     def error_body(message):
         return {"text": message, "error_code": 1}
 
-    return ClusterKeyMiddleware(BodyLimitMiddleware(app, max_request_bytes, error_body), worker.cluster_key, error_body)
+    return su.ClusterKeyMiddleware(
+        su.BodyLimitMiddleware(app, max_request_bytes, error_body), worker.cluster_key, error_body
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,8 +274,8 @@ def build_app(worker: EngineWorker, max_request_bytes: int):
 
 def add_worker_args(parser: argparse.ArgumentParser, concurrency: int) -> None:
     """The flags the engine worker and `sglang_worker` share (the original sglang_worker's names included)."""
-    add_server_args(parser, port=21002)
-    add_cluster_args(parser)
+    su.add_server_args(parser, port=21002)
+    su.add_cluster_args(parser)
     parser.add_argument("--worker-address", "--worker", dest="worker_address", default=None)
     parser.add_argument("--controller-address", "--controller", dest="controller_address", default=None)
     parser.add_argument("--no-register", action="store_true", help="Do not register with a controller.")
@@ -313,7 +303,7 @@ def add_worker_args(parser: argparse.ArgumentParser, concurrency: int) -> None:
     parser.add_argument("--max-new-tokens-limit", type=int, default=MAX_NEW_TOKENS_LIMIT)
     parser.add_argument("--stream-interval", type=int, default=1, help="Accepted for compatibility.")
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL)
-    add_image_limit_args(parser)
+    su.add_image_limit_args(parser)
 
 
 def detect_conv_mode(engine_model: str, model_name: str) -> str:
@@ -333,11 +323,11 @@ def detect_conv_mode(engine_model: str, model_name: str) -> str:
 
 def serve(args: argparse.Namespace, engine_url: str, name: str = "llava.serve.engine_worker") -> None:
     """Probe the engine, then run the worker until it is stopped."""
-    setup_logging(name)
-    limits = image_limits_from(args)
-    worker_addr = args.worker_address or local_url(args.host, args.port)
+    su.setup_logging(name)
+    limits = su.image_limits_from(args)
+    worker_addr = args.worker_address or su.local_url(args.host, args.port)
     key = cluster_key_from(args.cluster_key)
-    warn_if_exposed(logger, "engine worker", args.host, key)
+    su.warn_if_exposed(logger, "engine worker", args.host, key)
     try:
         info = probe_engine(engine_url, args.engine_model, args.engine_api_key, args.engine_wait)
     except EngineUnavailable as err:
@@ -366,7 +356,7 @@ def serve(args: argparse.Namespace, engine_url: str, name: str = "llava.serve.en
         cluster_key=key,
     )
     logger.info("Serving `%s` (template `%s`) at %s through %s", model_name, conv_mode, worker_addr, engine_url)
-    run_server(build_app(worker, args.max_request_bytes), args.host, args.port)
+    su.run_server(build_app(worker, args.max_request_bytes), args.host, args.port)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
