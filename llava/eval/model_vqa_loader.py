@@ -90,15 +90,14 @@ class CustomDataset(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
         from llava.conversation import get_conv_template
         from llava.mm_utils import process_images, tokenizer_image_token
+        from llava.prompting import image_marker_text
 
         line = self.questions[index]
-        marker = DEFAULT_IMAGE_TOKEN
-        if getattr(self.model_config, "mm_use_im_start_end", False):
-            marker = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
         conv = get_conv_template(self.conv_mode)
+        start_end = bool(getattr(self.model_config, "mm_use_im_start_end", False))
+        marker = image_marker_text(mmtag=conv.mmtag, mm_use_im_start_end=start_end)  # always first, as the original
         conv.append_message(conv.roles[0], marker + "\n" + line["text"])
         conv.append_message(conv.roles[1], None)
         with Image.open(os.path.join(self.image_folder, line["image"])) as raw:
