@@ -128,15 +128,22 @@ class ClusterClient:
             raise Refused(url, response.status_code, response.text)
         return _json_object(response)
 
-    def _controller(self, path: str, body: dict | None = None) -> dict:
+    def _controller(self, path: str, body: dict | None = None, answer: bool = True) -> dict:
+        """A controller call; its JSON object (`answer` False: only the status is checked, as the original
+        controller answers `null` to /register_worker and /refresh_all_workers)."""
         if not self.controller:
             raise ValueError("This client has no controller address.")
-        return self.post(self.controller + path, body)
+        if answer:
+            return self.post(self.controller + path, body)
+        response = post_json(self.controller + path, body, self.key, self.timeout)
+        if response.status_code != 200:
+            raise Refused(self.controller + path, response.status_code, response.text)
+        return {}
 
     def list_models(self, refresh: bool = False) -> list[str]:
         """The models the controller serves (`refresh`: it re-asks every worker first)."""
         if refresh:
-            self._controller("/refresh_all_workers")
+            self._controller("/refresh_all_workers", answer=False)
         return list(self._controller("/list_models").get("models", []))
 
     def get_worker_address(self, model: str) -> str:
@@ -150,7 +157,7 @@ class ClusterClient:
         """Tell the controller `address` did not answer (it stops routing there until a probe succeeds); a failure
         to tell it is only logged."""
         try:
-            self._controller("/report_unreachable", {"worker_name": address})
+            self._controller("/report_unreachable", {"worker_name": address}, answer=False)
         except CALL_ERRORS as err:
             logger.warning("Cannot report unreachable worker %s to the controller: %s", address, err)
 
@@ -159,7 +166,7 @@ class ClusterClient:
         body = {"worker_name": worker, "check_heart_beat": check_heart_beat}
         if status is not None:
             body["worker_status"] = status
-        self._controller("/register_worker", body)
+        self._controller("/register_worker", body, answer=False)
 
     def heartbeat(self, worker: str, queue_length: int) -> bool:
         """Send a heartbeat; False when the controller does not know `worker` (it must register again)."""
