@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from llava.demo.backbones import TinySizes  # noqa: E402
+from llava.serve.launch import ServerProcess, free_port, wait_http  # noqa: E402,F401  (free_port: for the scripts)
 
 # Model sizes by name. `tiny` is the test size (milliseconds per forward). `small` is large enough on a CPU that a
 # forward pass is dominated by matrix multiplies rather than Python overhead.
@@ -129,66 +130,16 @@ def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-class Server:
-    """A server process (`python -m <module> <args>`) logging to a file; stopped with `stop()` (SIGTERM, then KILL)."""
-
-    def __init__(self, name: str, module: str, args: Sequence[str], log_dir: str, env: dict | None = None):
-        import subprocess
-        import sys
-
-        self.name = name
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self._log = open(self.log_path, "w")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args], stdout=self._log, stderr=subprocess.STDOUT, env=full_env
-        )
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        self._log.flush()
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
+class Server(ServerProcess):
+    """A server process (`python -m <module> <args>`) logging to `<log_dir>/<name>.log`: `llava.serve.launch`'s, the
+    one launcher of tests, demo and benchmarks; stopped with `stop()` (SIGTERM, then KILL)."""
 
     def wait_http(self, url: str, timeout: float = 180.0) -> None:
         """Wait until GET `url` answers 200; fail with the log if the process dies or time runs out."""
-        import time
-
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited (rc {self.popen.returncode}):\n{self.log_tail()}")
-            try:
-                if requests.get(url, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} did not answer {url} within {timeout:.0f} s:\n{self.log_tail()}")
+        wait_http(url, timeout, [self])
 
     def stop(self) -> None:
-        import subprocess
-
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self._log.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        super().stop(15)
 
 
 def thread_env(threads: int | None) -> dict:
