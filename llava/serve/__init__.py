@@ -7,4 +7,9 @@ web UI, an OpenAI-compatible API and a terminal chat. See docs/Serving.md and do
     python -m llava.serve.gradio_web_server --controller http://localhost:10000 --model-list-mode reload
     python -m llava.serve.openai_api_server --controller http://localhost:10000 --port 8000
     python -m llava.serve.cli --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg
+
+Who owns what: `protocol` (stream chunks, error codes and their one meaning table), `client` (THE client of the
+controller/worker protocol, sync and async, pooled), `batching` (the `Scheduler` interface: batch and serial),
+`openai_protocol` (the OpenAI API's request and answer formats), `server_utils` (HTTP plumbing, the cluster-key and
+image-limit flags), `launch` (free ports, readiness waits, the process supervisor).
 """
