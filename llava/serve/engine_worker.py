@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -160,10 +161,13 @@ class EngineWorker(ModelWorker):
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise ServeError(f"This worker serves `{self.model_name}`, not `{model}`; ask the controller for a worker.")
+        limit, asked = self.max_new_tokens_limit, body.get("max_new_tokens")
+        if (
+            type(asked) in (int, float) and math.isfinite(asked) and asked > limit and asked == int(asked)
+        ):  # cut, as our worker (and the
+            body = {**body, "max_new_tokens": limit}  # original) cut it, before the range check sees it
         try:
-            params = GenerationParams.from_request(
-                body, ORIGINAL_WORKER_DEFAULTS, max_new_tokens_limit=self.max_new_tokens_limit
-            )
+            params = GenerationParams.from_request(body, ORIGINAL_WORKER_DEFAULTS, max_new_tokens_limit=limit)
         except RequestError as err:
             raise ServeError(str(err)) from err
         if params.num_beams != 1:

@@ -684,8 +684,8 @@ def main(argv=None) -> int:
             f"{not differ and not ties} ({len(differ)} differ, {len(ties)} more at near ties of the top two logits; "
             f"{len(compared) - with_image} replies)\n"
             f"{PEER} replies to image requests that differ: {len(peer_images)} of {with_image} "
-            "(not compared: the llava-hf processor tokenizes `<image>\\n` with one token fewer than the original's "
-            "prompt pieces, see docs/Serving.md, 'Scaling out')"
+            "(not judged: the llava-hf processor tokenizes `<image>\\n` with one token fewer than the original's "
+            "prompt pieces, see docs/Serving.md, 'Scaling out', and docs/Performance.md)"
         )
         report["peer_image_replies_differing"] = [len(peer_images), with_image]
     print(f"failed requests: {errors}")
