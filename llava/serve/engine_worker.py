@@ -37,7 +37,7 @@ from llava.serve.batching import QueueFull
 from llava.serve.client import ClusterClient, cluster_key_from
 from llava.serve.engine_client import EngineClient, EngineInfo, EngineUnavailable, probe_engine
 from llava.serve.engine_prompt import image_data_url, to_messages
-from llava.serve.model_worker import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, ModelWorker
+from llava.serve.model_worker import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, ModelWorker, finish_worker_app
 from llava.serve.protocol import ErrorCode, ServeError
 
 su.require("fastapi", "uvicorn", "httpx")
@@ -241,34 +241,7 @@ def build_app(worker: EngineWorker, max_request_bytes: int):
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 
-    @app.post("/worker_get_status")
-    async def get_status():
-        return worker.status()
-
-    @app.post("/model_details")
-    async def model_details():
-        return worker.details()
-
-    @app.post("/worker_get_conv_template")
-    async def conv_template():
-        return {"conv_mode": worker.conv_mode, "conv": get_conv_template(worker.conv_mode).dict()}
-
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "model": worker.model_name,
-            "engine": worker.engine_url,
-            "registered": worker.registered.is_set(),
-            "queue_length": worker.scheduler.queue_length,
-        }
-
-    def error_body(message):
-        return {"text": message, "error_code": 1}
-
-    return su.ClusterKeyMiddleware(
-        su.BodyLimitMiddleware(app, max_request_bytes, error_body), worker.cluster_key, error_body
-    )
+    return finish_worker_app(app, worker, worker.conv_mode, lambda: {"engine": worker.engine_url}, max_request_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

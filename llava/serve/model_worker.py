@@ -264,6 +264,23 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 
+    def health() -> dict:
+        scheduler = worker.scheduler
+        return {
+            "batches": scheduler.batches,
+            "max_batch_rows": scheduler.max_rows_seen,
+            "image_feature_cache": _cache_stats(worker.engine),
+            "prefix_cache": None if worker.engine.prefix_cache is None else worker.engine.prefix_cache.stats(),
+        }
+
+    return finish_worker_app(app, worker, worker.engine.conv_mode, health, max_request_bytes)
+
+
+def finish_worker_app(app: FastAPI, worker, conv_mode: str, health, max_request_bytes: int):
+    """The routes every worker kind answers alike (status, model details, template, health: `health()` adds the
+    kind's own fields) and the request-size and cluster-key guards around the app."""
+    from llava.conversation import get_conv_template
+
     @app.post("/worker_get_status")
     async def get_status():
         return worker.status()
@@ -274,22 +291,16 @@ def build_app(worker: ModelWorker, max_request_bytes: int):
 
     @app.post("/worker_get_conv_template")
     async def conv_template():
-        from llava.conversation import get_conv_template
-
-        return {"conv_mode": worker.engine.conv_mode, "conv": get_conv_template(worker.engine.conv_mode).dict()}
+        return {"conv_mode": conv_mode, "conv": get_conv_template(conv_mode).dict()}
 
     @app.get("/health")
-    async def health():
-        scheduler = worker.scheduler
+    async def health_route():
         return {
             "status": "ok",
             "model": worker.model_name,
             "registered": worker.registered.is_set(),
-            "queue_length": scheduler.queue_length,
-            "batches": scheduler.batches,
-            "max_batch_rows": scheduler.max_rows_seen,
-            "image_feature_cache": _cache_stats(worker.engine),
-            "prefix_cache": None if worker.engine.prefix_cache is None else worker.engine.prefix_cache.stats(),
+            "queue_length": worker.scheduler.queue_length,
+            **health(),
         }
 
     def error_body(message):
