@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 venv=.venv
 if [ "${1:-}" = "--latest" ]; then
   shift
-  bash scripts/setup.sh --latest train,serve,quant,test
+  bash scripts/setup.sh --latest train,serve,quant,test,bench
   venv=.venv-latest
 else
-  bash scripts/setup.sh train,serve,quant,test
+  bash scripts/setup.sh train,serve,quant,test,bench
 fi
 # The web UI test drives a real headless Chromium from the distribution's packages.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
