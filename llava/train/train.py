@@ -98,7 +98,9 @@ def _setup_logging(training_args: TrainingArguments) -> None:
     level = logging.INFO if training_args.should_log else logging.WARNING
     llava_logger = logging.getLogger("llava")
     llava_logger.setLevel(level)
-    if not llava_logger.handlers:
+    # Our own handler only when nothing configured logging (a script run); under an application or pytest that set up
+    # the root logger, records propagate to it as usual.
+    if not llava_logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         llava_logger.addHandler(handler)
