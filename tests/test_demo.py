@@ -413,6 +413,24 @@ def test_reduced_pipeline_beats_blank_image_ablation(quick_run):
 
 
 @pytest.mark.slow
+def test_probe_finds_position_in_the_tower_and_at_the_answer(quick_run):
+    """The linear probes of `llava.demo.probe` on the quick run: the warmed-up tower's patch features say where a lone
+    object is (row and column), and the projector keeps it; the decoder's input at the answer position (layer 0, the
+    question's last token) does not, until attention has read the image tokens."""
+    from llava.demo import probe
+
+    root, _ = quick_run
+    results = probe.probe_run(str(root / "data"), str(root / "out"), train_limit=300, eval_limit=100)
+    for stage in ("tower", "projector (stage 1)", "projector (stage 2)"):
+        assert min(results[stage].values()) >= 0.9, results
+    assert max(results["LLM layer 0 (answer position)"].values()) < 0.6, results
+    read = [results[f"LLM layer {k} (answer position)"] for k in (1, 2)]
+    assert max(max(r.values()) for r in read) > 0.6, results
+    with pytest.raises(ValueError, match="scenes.jsonl"):
+        probe.probe_run(str(root / "out"), str(root / "out"))
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Chromium (apt-get install chromium)")
 def test_demo_serves_the_trained_model_in_the_web_ui(quick_run, tmp_path):
     """`--serve-only` starts controller, worker and web server on the trained model; a question asked in headless
