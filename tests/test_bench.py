@@ -294,6 +294,7 @@ def test_serve_benchmark_runs_and_outputs_match(tmp_path):
     )
     report = json.loads(out.read_text())
     assert report["mismatches"] == 0 and report["errors"] == 0 and report["single_stream"]["identical"]
+    assert report["single_stream"]["batch_decoder_bandwidth_fraction"] > 0 and "memory-bandwidth ceiling" in text
     assert {(s["api"], s["concurrency"]) for s in report["summary"]} == {("worker", 3), ("openai", 3)}
     # Replies that depart at a near tie of the top two logits (batching's rounding, on some CPUs) are counted apart.
     assert "identical greedy outputs (ours vs baseline, every request):" in text and "(0 differ," in text
