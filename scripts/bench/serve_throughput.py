@@ -399,6 +399,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Also serve the weights with this engine (exported to llava-hf) and drive it over its OpenAI API.",
     )
     p.add_argument("--single-stream-rounds", type=int, default=3, help="0 skips the in-process decode comparison.")
+    p.add_argument(
+        "--single-stream-only",
+        action="store_true",
+        help="Stop after the in-process single-stream comparison (no servers).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="Where the model and logs go (default: a temp dir).")
     p.add_argument("--json-out", default=None, help="Also write every figure here.")
@@ -579,6 +584,13 @@ def main(argv=None) -> int:
         print(f"identical greedy text: {single['identical']}\n", flush=True)
         if not single["identical"]:
             failures.append("single-stream: BatchDecoder and HF generate disagree")
+    if args.single_stream_only:
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(report, f, indent=2)
+        if failures:
+            print("FAILED: " + "; ".join(failures))
+        return 1 if failures else 0
 
     servers, urls = start_servers(args, ckpt, work)
     try:
