@@ -20,6 +20,7 @@ import torch
 from train_helpers import free_port, logged_losses, make_dataset, tiny_flags
 from transformers import TrainerCallback
 
+from llava.train.checkpoint_io import BrokenCheckpointError, named_checkpoint
 from llava.train.data import DataCollatorForSupervisedDataset
 from llava.train.llava_trainer import CheckpointWriteError, checkpoint_problems
 from llava.train.train import last_checkpoint, train
@@ -125,6 +126,72 @@ def test_checkpoint_problems_cover_deepspeed_and_optimizer_state(tmp_path):
         in (problems[0])
     )
     assert problems[1:] == ["`optimizer.pt` is missing", "`scheduler.pt` is missing"]
+
+
+def _checkpoint(path, step: int) -> str:
+    """A hand-made complete projector checkpoint-`step` in `path`."""
+    ckpt = os.path.join(path, f"checkpoint-{step}")
+    os.makedirs(ckpt)
+    with open(os.path.join(ckpt, "trainer_state.json"), "w") as f:
+        json.dump({"global_step": step}, f)
+    for name in ("mm_projector.bin", "optimizer.pt", "scheduler.pt"):
+        torch.save({"w": torch.zeros(64)}, os.path.join(ckpt, name))
+    return ckpt
+
+
+def test_a_named_checkpoint_is_checked_and_never_swapped(tmp_path):
+    run = str(tmp_path / "out")
+    older, newer = _checkpoint(run, 2), _checkpoint(run, 4)
+    assert named_checkpoint(newer, "projector") == newer
+    os.remove(os.path.join(newer, "optimizer.pt"))
+    with pytest.raises(BrokenCheckpointError) as err:
+        named_checkpoint(newer, "projector")
+    assert str(err.value) == (
+        f"Cannot resume from `{newer}` (--resume_from_checkpoint): `optimizer.pt` is missing. Either pass "
+        f"`--resume_from_checkpoint {older}` (the newest complete checkpoint in `{run}`), or drop "
+        "--resume_from_checkpoint: the run then resumes from the newest complete checkpoint in --output_dir, or "
+        "starts afresh when there is none."
+    )
+    assert named_checkpoint(newer, "projector", optimizer=False) == newer  # --save_only_model runs keep no optimizer
+    # the run directory itself named: its newest complete checkpoint is the one to pass
+    with pytest.raises(BrokenCheckpointError) as err:
+        named_checkpoint(run, "projector")
+    assert "`trainer_state.json` is missing" in str(err.value)
+    assert f"pass `--resume_from_checkpoint {older}` (the newest complete checkpoint in `{run}`)" in str(err.value)
+    missing = os.path.join(run, "checkpoint-6")
+    with pytest.raises(BrokenCheckpointError) as err:
+        named_checkpoint(missing, "projector")
+    assert f"`{missing}` (--resume_from_checkpoint): it does not exist. Either pass " in str(err.value)
+    with open(os.path.join(older, "trainer_state.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(BrokenCheckpointError) as err:
+        named_checkpoint(newer, "projector")
+    assert f"Either name another checkpoint (none in `{run}` is complete), or drop" in str(err.value)
+
+
+def test_training_from_a_broken_named_checkpoint_stops_before_step_one(tiny, caption, tmp_path, llava_log):
+    out = str(tmp_path / "out")
+    flags = tiny_flags(tiny, *caption, out, **{**STAGE1, "max_steps": 4})
+    straight = train(flags)
+    newest, older = os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-2")
+    expected = _half_written_weights(newest)
+
+    def written() -> dict[str, float]:  # every file but the run config, which set-up writes before the check
+        files = glob.glob(os.path.join(out, "**"), recursive=True)
+        return {p: os.path.getmtime(p) for p in files if not p.endswith("llava_run_config.json")}
+
+    before = written()
+    with pytest.raises(BrokenCheckpointError) as err:
+        train([*flags, "--resume_from_checkpoint", newest])
+    assert str(err.value).startswith(f"Cannot resume from `{newest}` (--resume_from_checkpoint): {expected}")
+    assert f"pass `--resume_from_checkpoint {older}`" in str(err.value)
+    # nothing trained or saved, and the named checkpoint was not replaced by a fall-back
+    assert written() == before
+    assert "Resuming from" not in llava_log.text
+    # the checkpoint the message proposes resumes and trains the same losses
+    resumed = train([*flags, "--resume_from_checkpoint", older])
+    assert f"Resuming from {older}" in llava_log.text
+    assert logged_losses(resumed) == pytest.approx(logged_losses(straight), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- disk full

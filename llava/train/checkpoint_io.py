@@ -146,6 +146,53 @@ def numbered_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def complete_checkpoint(
+    output_dir: str, checkpoint_format: str | None = None, optimizer: bool = True, exclude: str | None = None
+) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` (other than `exclude`) whose files are complete; no warnings."""
+    for path in numbered_checkpoints(output_dir):
+        if exclude is not None and os.path.realpath(path) == os.path.realpath(exclude):
+            continue
+        if not checkpoint_problems(path, checkpoint_format, optimizer):
+            return path
+    return None
+
+
+def _listed(problems: list[str]) -> str:
+    return "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+
+
+class BrokenCheckpointError(ValueError):
+    """The checkpoint named with `--resume_from_checkpoint` cannot be resumed from; the message says why and what to
+    do instead."""
+
+
+def named_checkpoint(path: str, checkpoint_format: str | None = None, optimizer: bool = True) -> str:
+    """`path`, given with `--resume_from_checkpoint`, when it can be resumed from. Otherwise a `BrokenCheckpointError`
+    naming it, what is wrong and the newest complete checkpoint in it or beside it: the user chose this one, so there
+    is no silent fall-back to another."""
+    if not os.path.isdir(path):
+        problems = ["it does not exist" if not os.path.exists(path) else "it is not a directory"]
+    else:
+        problems = checkpoint_problems(path, checkpoint_format, optimizer)
+    if not problems:
+        return path
+    # `path` may be a run's output_dir (holding checkpoint-N) or one checkpoint-N in it
+    runs = [path, os.path.dirname(os.path.normpath(path)) or "."]
+    found = [(run, complete_checkpoint(run, checkpoint_format, optimizer, exclude=path)) for run in runs]
+    run, other = next(((r, c) for r, c in found if c), (runs[-1], None))
+    choice = (
+        f"pass `--resume_from_checkpoint {other}` (the newest complete checkpoint in `{run}`)"
+        if other
+        else f"name another checkpoint (none in `{run}` is complete)"
+    )
+    raise BrokenCheckpointError(
+        f"Cannot resume from `{path}` (--resume_from_checkpoint): {_listed(problems)}. Either {choice}, or drop "
+        "--resume_from_checkpoint: the run then resumes from the newest complete checkpoint in --output_dir, or "
+        "starts afresh when there is none."
+    )
+
+
 def resumable_checkpoint(output_dir: str, checkpoint_format: str | None = None, optimizer: bool = True) -> str | None:
     """The newest `checkpoint-N` in `output_dir` whose files are complete; each newer broken one is named in a
     warning with what is wrong with it (it is left in place for the user to look at or delete)."""
@@ -156,7 +203,7 @@ def resumable_checkpoint(output_dir: str, checkpoint_format: str | None = None, 
         logger.warning(
             "Not resuming from `%s`: it is incomplete (a save interrupted or a full disk?): %s. Trying an older one.",
             path,
-            "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""),
+            _listed(problems),
         )
     return None
 
@@ -242,6 +289,14 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
             + (" (the unfinished save was removed)" if cleanup else "")
             + f". {intact}"
         ) from err
+
+
+def final_save_errors(output_dir: str, checkpoint_format: str | None = None, optimizer: bool = True, run_dir=None):
+    """`disk_full_errors` for the final model written into `output_dir`, naming the newest complete checkpoint of
+    `run_dir` (default `output_dir`) as the one to resume from. The final save is not staged: a rerun resumes from
+    that checkpoint and writes the final model again."""
+    previous = complete_checkpoint(run_dir or output_dir, checkpoint_format, optimizer)
+    return disk_full_errors(output_dir, f"the final model into `{output_dir}`", previous)
 
 
 def staging_dir(run_dir: str, name: str) -> str:

@@ -27,6 +27,7 @@ import transformers
 from llava.conversation import conv_templates
 from llava.runtime import configure_threads
 from llava.train.args import DataArguments, ModelArguments, TrainingArguments, parse_args  # noqa: F401  (public here)
+from llava.train.checkpoint_io import final_save_errors, named_checkpoint
 from llava.train.data import (
     DataCollatorForSupervisedDataset,
     DatasetError,
@@ -43,7 +44,6 @@ from llava.train.launcher import (  # noqa: F401  (re-exported: their home befor
 )
 from llava.train.llava_trainer import (
     LLaVATrainer,
-    disk_full_errors,
     remove_unfinished_saves,
     resumable_checkpoint,
     unwrap_llava,
@@ -84,8 +84,8 @@ def _resume_target(training_args: TrainingArguments, checkpoint_format: str | No
     given = (training_args.resume_from_checkpoint or "").strip()
     if given.lower() in ("false", "no", "none"):
         return None
-    if given and given.lower() not in ("true", "yes"):
-        return given
+    if given and given.lower() not in ("true", "yes"):  # a checkpoint named: checked, never swapped for another
+        return named_checkpoint(given, checkpoint_format, not training_args.save_only_model)
     if training_args.overwrite_output_dir:
         return None
     return last_checkpoint(training_args.output_dir, checkpoint_format, not training_args.save_only_model)
@@ -217,11 +217,9 @@ def train(
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     unwrap_llava(model).config.use_cache = True
-    out = training_args.output_dir
-    previous = last_checkpoint(out, checkpoint_format) if training_args.should_save else None
-    with disk_full_errors(out, f"the final model into `{out}`", previous):
+    with final_save_errors(training_args.output_dir, checkpoint_format, not training_args.save_only_model):
         trainer.save_state()
-        trainer.save_model(out)
+        trainer.save_model(training_args.output_dir)
     return trainer
 
 
@@ -400,6 +398,7 @@ def safe_save_model_for_hf_trainer(trainer: transformers.Trainer, output_dir: st
     With our `LLaVATrainer` (what `train()` builds) this writes the complete checkpoint of the run's kind: stage 1
     gives `config.json` + `mm_projector.bin`, LoRA the adapter + `non_lora_trainables.bin`, full a whole model; each
     loads with `load_pretrained_model`. Other trainers save as their `save_model` does. DeepSpeed ZeRO-3 shards are
-    gathered by the trainer.
+    gathered by the trainer. A full disk raises a `CheckpointWriteError`, as in `train()`.
     """
-    trainer.save_model(output_dir)
+    with final_save_errors(output_dir, getattr(trainer, "checkpoint_format", None), run_dir=trainer.args.output_dir):
+        trainer.save_model(output_dir)
