@@ -31,12 +31,12 @@ EXPIRATION = 120.0  # heartbeat window: long, so only a report can take a dead w
 class Stack:
     """A controller, two workers of one model and the OpenAI API server."""
 
-    def __init__(self, tmp: str, checkpoint: str):
+    def __init__(self, tmp: str, checkpoint: str, workers: tuple[str, ...] = ("w1", "w2")):
         self.tmp, self.checkpoint = tmp, checkpoint
         self.procs: dict[str, Proc] = {}
-        self.ports = {name: free_port() for name in ("controller", "w1", "w2", "api")}
+        self.ports = {name: free_port() for name in ("controller", *workers, "api")}
         self.controller = f"http://127.0.0.1:{self.ports['controller']}"
-        self.workers = {name: f"http://127.0.0.1:{self.ports[name]}" for name in ("w1", "w2")}
+        self.workers = {name: f"http://127.0.0.1:{self.ports[name]}" for name in workers}
         self.api = f"http://127.0.0.1:{self.ports['api']}"
 
     def start(self, name: str, module: str, args: list[str]) -> Proc:
@@ -44,12 +44,27 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str) -> Proc:
+    def start_worker(self, name: str, concurrency: int = 8, max_queue: int = 256) -> Proc:
         port = str(self.ports[name])
         args = ["--port", port, "--worker", self.workers[name], "--controller", self.controller]
         args += ["--model-path", self.checkpoint, "--model-name", MODEL, "--device", "cpu"]
-        args += ["--limit-model-concurrency", "8", "--heart-beat-interval", "0.5", "--max-new-tokens-limit", "4096"]
+        args += ["--limit-model-concurrency", str(concurrency), "--max-queue-size", str(max_queue)]
+        args += ["--heart-beat-interval", "0.5", "--max-new-tokens-limit", "4096"]
         return self.start(name, "llava.serve.model_worker", args)
+
+    def start_controller_and_api(self) -> None:
+        args = ["--port", str(self.ports["controller"]), "--heart-beat-expiration", str(EXPIRATION)]
+        args += ["--dispatch-method", "lottery"]  # each new request may pick any worker, as in the issue's report
+        self.start("controller", "llava.serve.controller", args)
+        self.start("api", "llava.serve.openai_api_server", ["--port", str(self.ports["api"]), "--controller",
+                                                             self.controller])  # fmt: skip
+
+    def wait_ready(self, workers: int) -> None:
+        procs = list(self.procs.values())
+        wait_until(lambda: http_ok(self.controller + "/health"), 60, "the controller", procs)
+        count = lambda: controller_post(self.controller, "/worker_get_status")["workers"] == workers  # noqa: E731
+        wait_until(count, 180, f"{workers} workers to register", procs)
+        wait_until(lambda: http_ok(self.api + "/health"), 60, "the OpenAI server", procs)
 
     def registered(self) -> list[str]:
         return sorted(controller_post(self.controller, "/worker_get_status").get("model_names", []))
@@ -71,17 +86,10 @@ def stack(tiny, tmp_path_factory):
     model.config.conv_template = "llava_v1"
     s = Stack(str(tmp_path_factory.mktemp("faults")), tiny.save_full(model))
     try:
-        args = ["--port", str(s.ports["controller"]), "--heart-beat-expiration", str(EXPIRATION)]
-        args += ["--dispatch-method", "lottery"]  # each new request may pick either worker, as in the issue's report
-        s.start("controller", "llava.serve.controller", args)
+        s.start_controller_and_api()
         s.start_worker("w1")
         s.start_worker("w2")
-        s.start("api", "llava.serve.openai_api_server", ["--port", str(s.ports["api"]), "--controller", s.controller])
-        procs = list(s.procs.values())
-        wait_until(lambda: http_ok(s.controller + "/health"), 60, "the controller", procs)
-        both = lambda: controller_post(s.controller, "/worker_get_status")["workers"] == 2  # noqa: E731
-        wait_until(both, 180, "both workers to register", procs)
-        wait_until(lambda: http_ok(s.api + "/health"), 60, "the OpenAI server", procs)
+        s.wait_ready(2)
         yield s
     finally:
         s.stop()
@@ -314,6 +322,99 @@ def test_worker_killed_under_a_200_request_burst(stack):
     retried = f"The worker at {victim} stopped mid-answer" in stack.procs["api"].log_tail(10**7)
     assert errors or retried, "no request was mid-answer on the victim when it was killed"
     assert stack.routed(20) == {stack.workers["w1"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Full queues: another worker is asked, and 503 `overloaded` only when every worker was tried and was full
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_controller_exclude_filters_and_is_validated(stack):
+    from llava.serve.controller import Controller
+
+    controller = Controller("lottery")
+    for name in ("http://a", "http://b/", "http://c"):
+        controller.register_worker(name, True, {"model_names": ["m"], "speed": 1, "queue_length": 0})
+    assert {controller.get_worker_address("m", ["http://a", "http://c"]) for _ in range(20)} == {"http://b/"}
+    assert controller.get_worker_address("m", ["http://a", "http://b", "http://c/"]) == ""  # a trailing / is the same
+    assert {controller.get_worker_address("m", []) for _ in range(50)} == {"http://a", "http://b/", "http://c"}
+    # over HTTP, on the real controller: `exclude` is optional, filters, and anything but a list of strings is a 400
+    for name, address in stack.workers.items():  # an earlier test may have killed one
+        if not stack.procs[name].alive():
+            stack.start_worker(name)
+            routed = lambda a=address: a in stack.routed()  # noqa: E731
+            wait_until(routed, 180, f"worker {name} to be routed", [stack.procs[name]])
+    url = stack.controller + "/get_worker_address"
+    w1, w2 = stack.workers["w1"], stack.workers["w2"]
+    picks = {controller_post(stack.controller, "/get_worker_address", {"model": MODEL, "exclude": [w1]})["address"]
+             for _ in range(12)}  # fmt: skip
+    assert picks == {w2}
+    none_left = controller_post(stack.controller, "/get_worker_address", {"model": MODEL, "exclude": [w2, w1]})
+    assert none_left["address"] == "" and "`exclude`" in none_left["error"], none_left
+    for bad in ("http://x", [1], [None], {"a": 1}, None, [["http://x"]]):
+        response = requests.post(url, json={"model": MODEL, "exclude": bad}, timeout=60)
+        assert response.status_code == 400, (bad, response.status_code, response.text)
+        assert "`exclude`" in response.json()["text"], response.text
+    assert stack.routed() == {w1, w2}  # the original request, without `exclude`, is unchanged
+
+
+@pytest.fixture(scope="module")
+def small_queues(tiny, tmp_path_factory):
+    """A controller (lottery), the API server and two workers that hold 2 requests each (1 decoding, 1 waiting);
+    the test starts a third, roomy worker ("roomy") itself."""
+    model = tiny.model("llama", seed=11)
+    model.config.conv_template = "llava_v1"
+    s = Stack(str(tmp_path_factory.mktemp("overload")), tiny.save_full(model, "overload"), ("s1", "s2", "roomy"))
+    try:
+        s.start_controller_and_api()
+        s.start_worker("s1", concurrency=1, max_queue=1)
+        s.start_worker("s2", concurrency=1, max_queue=1)
+        s.wait_ready(2)
+        yield s
+    finally:
+        s.stop()
+
+
+def burst(api: str, n: int, max_tokens: int = 16) -> list[tuple[int, dict | None]]:
+    """`n` concurrent chat requests (every other one streamed); each one's HTTP status and, for an error, the OpenAI
+    error object. A 200 must be a finished answer (a stream ends with `[DONE]`)."""
+
+    def one(i: int) -> tuple[int, dict | None]:
+        body = chat_body(f"Question {i}?", max_tokens, stream=bool(i % 2))
+        response = requests.post(api + "/v1/chat/completions", json=body, timeout=600)
+        if response.status_code != 200:
+            return response.status_code, response.json()["error"]
+        if i % 2:
+            assert response.text.rstrip().endswith("data: [DONE]"), response.text[-300:]
+        else:
+            assert response.json()["choices"][0]["finish_reason"] in ("stop", "length"), response.text
+        return 200, None
+
+    with ThreadPoolExecutor(n) as pool:
+        return [f.result(timeout=900) for f in [pool.submit(one, i) for i in range(n)]]
+
+
+def test_overloaded_only_when_every_worker_is_full(small_queues):
+    s = small_queues
+    api_log = lambda: s.procs["api"].log_tail(10**7)  # noqa: E731
+    # Both workers small: many requests find both full. Each 503 is `overloaded` after both were tried; the rest
+    # complete; nothing is lost or fails otherwise.
+    sent = 24
+    results = burst(s.api, sent)
+    overloaded = [error for status, error in results if status == 503]
+    completed = sum(status == 200 for status, _ in results)
+    assert completed + len(overloaded) == sent, [r for r in results if r[0] not in (200, 503)][:5]
+    assert overloaded and completed >= 2, (completed, len(overloaded))
+    for error in overloaded:
+        assert error["code"] == "overloaded" and "(2 tried)" in error["message"], error
+    # A roomy worker joins: a request that meets a full small worker is sent on to another, so none gets 503
+    # while the roomy one has room, though the lottery picks a small worker for most of them.
+    full_before = api_log().count("is full; trying another")
+    s.start_worker("roomy", concurrency=8, max_queue=256)
+    s.wait_ready(3)
+    results = burst(s.api, 40)
+    assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:5]
+    assert api_log().count("is full; trying another") > full_before  # the full workers were met, and passed over
 
 
 def test_load_script_loses_nothing(tmp_path):

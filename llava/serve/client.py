@@ -3,6 +3,7 @@
     client = ClusterClient("http://localhost:21001", key)          # sync: web UI, worker, test_message, controller
     client.list_models(refresh=True)                                # ["llava-v1.5-7b", ...]
     address = client.get_worker_address("llava-v1.5-7b")            # NoWorker (with the controller's reason) if none
+    client.get_worker_address("llava-v1.5-7b", exclude={address})   # another worker (e.g. the first was full)
     client.model_details(address)                                   # None for a worker without /model_details
     for chunk in client.generate_stream(address, payload): ...      # `Chunk` dicts; a rejection is one error chunk
     client.register(worker_url, status); client.heartbeat(worker_url, queue_length) -> known?
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 import httpx
 
@@ -89,6 +90,13 @@ class Refused(ValueError):
         self.status = status
 
 
+def _address_query(model: str, exclude: Iterable[str]) -> dict:
+    """The /get_worker_address body; `exclude` (our extension) only when there is something to exclude, so the
+    request stays the original protocol's otherwise."""
+    exclude = sorted(set(exclude))
+    return {"model": model, "exclude": exclude} if exclude else {"model": model}
+
+
 def _json_object(response: httpx.Response) -> dict:
     data = response.json()
     if not isinstance(data, dict):
@@ -146,9 +154,10 @@ class ClusterClient:
             self._controller("/refresh_all_workers", answer=False)
         return list(self._controller("/list_models").get("models", []))
 
-    def get_worker_address(self, model: str) -> str:
-        """A worker for `model` as the controller dispatches; `NoWorker` with its reason when there is none."""
-        data = self._controller("/get_worker_address", {"model": model})
+    def get_worker_address(self, model: str, exclude: Iterable[str] = ()) -> str:
+        """A worker for `model` as the controller dispatches, none of `exclude` (e.g. workers found full); `NoWorker`
+        with its reason when there is none."""
+        data = self._controller("/get_worker_address", _address_query(model, exclude))
         if not data.get("address"):
             raise NoWorker(model, data.get("error"))
         return data["address"].rstrip("/")
@@ -247,8 +256,8 @@ class AsyncClusterClient:
     async def list_models(self) -> list[str]:
         return list((await self.post(self.controller + "/list_models")).get("models", []))
 
-    async def get_worker_address(self, model: str) -> str:
-        data = await self.post(self.controller + "/get_worker_address", {"model": model})
+    async def get_worker_address(self, model: str, exclude: Iterable[str] = ()) -> str:
+        data = await self.post(self.controller + "/get_worker_address", _address_query(model, exclude))
         if not data.get("address"):
             raise NoWorker(model, data.get("error"))
         return data["address"].rstrip("/")

@@ -7,7 +7,8 @@ With a cluster key (--cluster-key or LLAVA_CLUSTER_KEY) every endpoint answers 4
 X-LLaVA-Cluster-Key, and the controller sends it to workers; without one it should listen on loopback only.
 
 Endpoints (POST, JSON): /register_worker, /receive_heart_beat, /refresh_all_workers, /list_models,
-/get_worker_address, /worker_get_status, and /worker_generate_stream, which forwards a generation request to a
+/get_worker_address (optional `exclude`: worker addresses not to pick, e.g. those a client found full),
+/worker_get_status, and /worker_generate_stream, which forwards a generation request to a
 worker of its `model` and streams the answer back. A worker that misses heartbeats for --heart-beat-expiration
 seconds is dropped. A client that cannot reach a worker posts `{"worker_name"}` to /report_unreachable: the worker
 gets no new requests until a status probe (/worker_get_status, retried with back-off) answers again.
@@ -21,6 +22,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable
 
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION
 from llava.serve.client import CALL_ERRORS, AsyncClusterClient, ClusterClient, async_http, cluster_key_from
@@ -194,10 +196,12 @@ class Controller:
     def list_models(self) -> list[str]:
         return sorted({m for info in self.live_workers().values() for m in info.model_names})
 
-    def get_worker_address(self, model: str) -> str:
-        """A worker serving `model`, chosen by the dispatch method; "" when none does."""
+    def get_worker_address(self, model: str, exclude: Iterable[str] = ()) -> str:
+        """A worker serving `model`, chosen by the dispatch method among those not in `exclude` (addresses a client
+        already found full; a trailing "/" does not matter); "" when none is left."""
+        skip = {address.rstrip("/") for address in exclude}
         with self._lock:
-            candidates = self.live_workers(model)
+            candidates = {n: info for n, info in self.live_workers(model).items() if n.rstrip("/") not in skip}
             if not candidates:
                 return ""
             names = list(candidates)
@@ -250,11 +254,21 @@ def _valid_status(status) -> dict:
     return {"model_names": names, "speed": float(speed), "queue_length": queue}
 
 
-def _no_worker_message(model, available: list[str]) -> str:
+def _no_worker_message(model, available: list[str], excluded: int = 0) -> str:
+    if excluded:
+        return f"Every live worker serving model `{model}` ({excluded}) is in `exclude`: none is left to try."
     return (
         f"No worker is serving model `{model}` right now (it may have stopped or be restarting). "
         f"Models available: {', '.join(available) or 'none'}."
     )
+
+
+def _exclude_field(body: dict) -> list[str]:
+    """The optional `exclude` of /get_worker_address (our extension; original clients never send it)."""
+    exclude = body.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(address, str) for address in exclude):
+        raise ServeError(f"`exclude` must be a list of worker addresses (strings), got `{exclude!r:.60}`.")
+    return exclude
 
 
 def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
@@ -311,10 +325,12 @@ def build_app(controller: Controller, max_request_bytes: int = 1 << 20):
 
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request):
-        model = field(await body_of(request), "model")
-        address = controller.get_worker_address(model)
+        body = await body_of(request)
+        model, exclude = field(body, "model"), _exclude_field(body)
+        address = controller.get_worker_address(model, exclude)
         if not address:
-            return {"address": "", "error": _no_worker_message(model, controller.list_models())}
+            excluded = len(controller.live_workers(model)) if exclude else 0
+            return {"address": "", "error": _no_worker_message(model, controller.list_models(), excluded)}
         return {"address": address}
 
     @app.post("/receive_heart_beat")

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 from llava.mm_utils import ImageLimits
 from llava.serve.client import CALL_ERRORS, AsyncClusterClient, NoWorker, async_http, cluster_key_from
@@ -71,7 +71,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 logger = logging.getLogger("llava.serve.openai_api_server")
 
 DETAILS_TTL = 30.0  # seconds a worker's template/context details are cached
-OVERLOAD_TRIES = 3  # workers asked before a request is refused as overloaded (503)
+MAX_OVERLOAD_TRIES = 64  # at most this many full workers are tried for one request before it gets 503 overloaded
 UPSTREAM_CONNECTIONS = 4096  # open connections to workers; beyond this requests wait (the workers' queues fill first)
 
 Limits = ImageLimits  # the image limits (flags: server_utils.add_image_limit_args)
@@ -132,9 +132,11 @@ class Backend:
         except CALL_ERRORS as err:
             raise self._controller_down(err) from err
 
-    async def worker_for(self, model: str) -> tuple[str, dict]:
+    async def worker_for(self, model: str, exclude: Collection[str] = ()) -> tuple[str, dict]:
+        """A worker for `model` other than `exclude` (workers that answered "queue full") and its details. When the
+        controller has none left but `exclude` is not empty, every live worker was tried and was full: overloaded."""
         try:
-            address = await self.client.get_worker_address(model)
+            address = await self.client.get_worker_address(model, exclude)
         except NoWorker:
             available = await self.models()
             if model not in available:
@@ -143,6 +145,10 @@ class Backend:
                     f"Model `{model}` is not served here; available: {', '.join(available) or 'none'}.",
                     "model",
                     "model_not_found",
+                ) from None
+            if exclude:  # the address is empty: no worker is left to try
+                raise WorkerOverloaded(
+                    "", f"Every worker serving `{model}` has a full queue ({len(exclude)} tried); try again shortly."
                 ) from None
             raise ApiError(503, f"No worker for `{model}` is available right now; try again.") from None
         except CALL_ERRORS as err:
@@ -281,8 +287,8 @@ def build_app(
         chat = parse_chat_request(body)
         images: dict[tuple, list[str]] = {}  # resolved once, even when the request goes to a second worker
 
-        async def start() -> tuple[str, str, object]:
-            address, details = await backend.worker_for(chat.model)
+        async def start(full: Collection[str]) -> tuple[str, str, object]:
+            address, details = await backend.worker_for(chat.model, full)
             prompt, urls = render_prompt(chat.messages, details.get("conv_mode") or "llava_v1")
             if tuple(urls) not in images:
                 images[tuple(urls)] = await resolve_images(urls, limits)
@@ -298,21 +304,25 @@ def build_app(
             return address, prompt, await backend.open_stream(address, payload)
 
         async def start_anywhere(retry_unreachable: bool = True) -> tuple[str, str, object]:
-            """`start`, on another worker when the chosen one cannot be reached (once) or its queue is full (up to
-            OVERLOAD_TRIES workers in all): 503 `overloaded` only when the workers tried are all full."""
-            full = 0
+            """`start`, on another worker when the chosen one cannot be reached (once) or its queue is full. Workers
+            found full are excluded from the next choice, so 503 `overloaded` comes only when the controller has no
+            untried worker left (or MAX_OVERLOAD_TRIES were full)."""
+            full: set[str] = set()
             while True:
                 try:
-                    return await start()
-                except WorkerUnreachable as err:  # already reported to the controller
+                    return await start(full)
+                except WorkerUnreachable as err:  # already reported to the controller, which stops routing to it
                     if not retry_unreachable:
                         raise
                     retry_unreachable = False
                     logger.warning("%s Retrying once on another worker.", err.message)
-                except WorkerOverloaded:
-                    full += 1
-                    if full >= OVERLOAD_TRIES:
+                except WorkerOverloaded as err:
+                    if not err.address:  # the controller has no worker left that was not full
                         raise
+                    full.add(err.address)
+                    if len(full) >= MAX_OVERLOAD_TRIES:
+                        raise
+                    logger.info("The worker at %s is full; trying another (%d full so far)", err.address, len(full))
 
         async def answer() -> tuple[str, dict]:
             # Nothing has reached the client yet, so a worker that cannot be reached or dies mid-answer is reported
