@@ -20,7 +20,7 @@ import torch
 from train_helpers import free_port, logged_losses, make_dataset, tiny_flags
 from transformers import TrainerCallback
 
-from llava.train.checkpoint_io import BrokenCheckpointError, named_checkpoint
+from llava.train.checkpoint_io import BrokenCheckpointError, file_problem, named_checkpoint
 from llava.train.data import DataCollatorForSupervisedDataset
 from llava.train.llava_trainer import CheckpointWriteError, checkpoint_problems
 from llava.train.train import last_checkpoint, train
@@ -198,13 +198,14 @@ def test_training_from_a_broken_named_checkpoint_stops_before_step_one(tiny, cap
 
 
 class FillDiskAfterSave(TrainerCallback):
-    """Once the first checkpoint is saved, fills the filesystem of `output_dir` up to `leave` free bytes."""
+    """Once the first checkpoint (or the one of step `at_step`) is saved, fills the filesystem of `output_dir` up to
+    `leave` free bytes."""
 
-    def __init__(self, leave: int):
-        self.leave, self.filler = leave, None
+    def __init__(self, leave: int, at_step: int | None = None):
+        self.leave, self.at_step, self.filler = leave, at_step, None
 
     def on_save(self, args, state, control, **kwargs):
-        if self.filler is None:
+        if self.filler is None and self.at_step in (None, state.global_step):
             self.filler = os.path.join(args.output_dir, "filler")
             free = shutil.disk_usage(args.output_dir).free
             with open(self.filler, "wb") as f:
@@ -247,6 +248,30 @@ def test_disk_full_during_a_save_says_where_and_what_is_intact(tiny, caption, sm
     resumed = train(flags)
     assert [e["step"] for e in resumed.state.log_history if "loss" in e] == list(range(1, 9))
     assert os.path.isfile(os.path.join(out, "mm_projector.bin"))
+
+
+@pytest.mark.parametrize("leave", [8_000, 0])
+def test_disk_full_during_the_final_save_says_where_and_what_is_intact(tiny, caption, small_disk, leave):
+    out = os.path.join(small_disk, "out")
+    # one epoch of 6 steps (transformers resumed at max_steps mid-epoch would train one step more)
+    flags = tiny_flags(tiny, *caption, out, **{**STAGE1, "max_steps": -1, "save_steps": 3})
+    filler = FillDiskAfterSave(leave, at_step=6)  # after the last checkpoint: the final model finds the disk full
+    with pytest.raises(CheckpointWriteError) as err:
+        train(flags, callbacks=[filler])
+    message = str(err.value)
+    del err
+    last = os.path.join(out, "checkpoint-6")
+    assert message.startswith(f"No space left on device while saving the final model into `{out}`: writing `{out}/")
+    named = message.split("writing `", 1)[1].split("`", 1)[0]
+    assert os.path.dirname(named) == out and file_problem(named), named  # the file left empty or cut short
+    assert f"in `{out}` failed" in message and " free of 16.0 MiB on that filesystem" in message
+    assert f"The previous checkpoint `{last}` is intact" in message
+    assert checkpoint_problems(last, "projector") == []
+    # with space again, the same command resumes from the last checkpoint (nothing left to train) and saves the model
+    os.remove(filler.filler)
+    resumed = train(flags)
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == list(range(1, 7))
+    assert checkpoint_problems(out, "projector", optimizer=False) == []  # trainer_state.json + whole mm_projector.bin
 
 
 # -------------------------------------------------------------------------------------------------------- skipping

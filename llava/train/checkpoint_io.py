@@ -2,9 +2,10 @@
 
 A checkpoint is written into `<output_dir>/.saving-checkpoint-N/checkpoint-N` and moved to `<output_dir>/checkpoint-N`
 (`publish_checkpoint`) only once every rank has finished writing, so an interrupted save never looks like a checkpoint;
-`resumable_checkpoint` checks the files of the newest ones before a run resumes from them. A save that runs out of
-disk space stops with a `CheckpointWriteError` naming the file, the directory, the free space and the intact previous
-checkpoint. Which weight files each kind needs comes from `llava.model.checkpoint_format`.
+`resumable_checkpoint` checks the files of the newest ones before a run resumes from them, `named_checkpoint` the one
+`--resume_from_checkpoint` names (a broken one is an error, never swapped for another). A save (checkpoint or final
+model) that runs out of disk space stops with a `CheckpointWriteError` naming the file, the directory, the free space
+and the intact previous checkpoint. Which weight files each kind needs comes from `llava.model.checkpoint_format`.
 """
 
 from __future__ import annotations
@@ -226,15 +227,32 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _newest_file(directory: str) -> str | None:
-    newest = None
+def file_problem(path: str) -> str | None:
+    """What is wrong with one written file (empty, cut short, unreadable JSON), or None."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "is empty"
+        check = FILE_CHECKS.get(os.path.splitext(path)[1])
+        return check(path) if check is not None else None
+    except OSError:  # gone meanwhile (another rank's cleanup): not the one to name
+        return None
+
+
+def _failed_file(directory: str) -> str | None:
+    """The file a failed save under `directory` was most likely writing: of the files written in the last second
+    before the newest one, the newest that is empty or cut short, else the newest. (Modification times tick coarsely,
+    e.g. every 4 ms: files written together can share one, so the newest alone may name a finished file.)"""
+    stamped = []
     for root, _, names in os.walk(directory):
         for name in names:
             path = os.path.join(root, name)
-            stamp = os.stat(path).st_mtime_ns
-            if newest is None or stamp >= newest[0]:
-                newest = (stamp, path)
-    return newest[1] if newest else None
+            with contextlib.suppress(FileNotFoundError):  # removed while we look
+                stamped.append((os.stat(path).st_mtime_ns, path))
+    if not stamped:
+        return None
+    stamped.sort(reverse=True)
+    recent = [path for stamp, path in stamped if stamp >= stamped[0][0] - 1_000_000_000]
+    return next((path for path in recent if file_problem(path)), stamped[0][1])
 
 
 def _existing_parent(path: str) -> str:
@@ -268,7 +286,7 @@ def disk_full_errors(directory: str, what: str, previous: str | None, cleanup: s
         reason = disk_full_reason(err, directory)
         if reason is None or isinstance(err, CheckpointWriteError):
             raise
-        file = getattr(err, "filename", None) or _newest_file(directory) or "(unknown)"
+        file = getattr(err, "filename", None) or _failed_file(directory) or "(unknown)"
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
         usage = shutil.disk_usage(_existing_parent(directory))
