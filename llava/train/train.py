@@ -286,26 +286,25 @@ def preprocess_multimodal(sources: list[list[dict]], data_args) -> list[list[dic
     """The original's image-marker placement, in place on LLaVA-format `sources` (lists of `{from, value}` turns).
 
     When `data_args.is_multimodal`, a turn holding `<image>` gets one marker at its start (`"<image>\\n" + text`,
-    the others removed), wrapped in `<Image></Image>` when the default template's version has `mmtag`, and in
-    `<im_start>`/`<im_end>` when `data_args.mm_use_im_start_end`. `preprocess` accepts text in this form as well as
-    the raw form.
+    the others removed), written as `llava.prompting.image_marker_text` says for the default template's `mmtag`
+    field and `data_args.mm_use_im_start_end`. `preprocess` accepts text in this form as well as the raw form.
     """
     import llava.conversation as conversation_lib
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+    from llava.prompting import IMAGE_PART_TEXT, wrap_image_markers
 
     if not getattr(data_args, "is_multimodal", False):
         return sources
-    mmtag = "mmtag" in conversation_lib.default_conversation.version
-    start_end = getattr(data_args, "mm_use_im_start_end", False)
+    # Unlike `place_training_image_markers`, the original moves the markers of every turn (any image count) and
+    # never reduces `plain` turns; what wraps the marker is the shared policy.
+    mmtag = bool(getattr(conversation_lib.default_conversation, "mmtag", False))
+    start_end = bool(getattr(data_args, "mm_use_im_start_end", False))
     for source in sources:
         for turn in source:
             text = turn["value"]
-            if "<image>" in text:
-                text = ("<image>\n" + text.replace("<image>", "").strip()).strip()
-                if mmtag:
-                    text = text.replace("<image>", "<Image><image></Image>")
-            if start_end:
-                text = text.replace("<image>", "<im_start><image><im_end>")
-            turn["value"] = text
+            if DEFAULT_IMAGE_TOKEN in text:
+                text = (IMAGE_PART_TEXT + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+                turn["value"] = wrap_image_markers(text, mmtag=mmtag, mm_use_im_start_end=start_end)
     return sources
 
 
