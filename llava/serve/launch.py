@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import requests
 
-from llava.serve.client import cluster_headers
+from llava.serve.client import CALL_ERRORS, ClusterClient, cluster_headers, shared_http
 
 # Environment for server processes started here: no hub access, no analytics, unbuffered logs.
 SERVE_ENV = {
@@ -34,7 +34,8 @@ SERVE_ENV = {
     "WANDB_MODE": "offline",
     "PYTHONUNBUFFERED": "1",
 }
-POLL_ERRORS = (requests.RequestException, ValueError, KeyError)  # a server that is not ready yet
+# A server that is not ready yet: our client's errors, and those of `requests` for checks written with it.
+POLL_ERRORS = (*CALL_ERRORS, requests.RequestException, KeyError)
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
@@ -143,8 +144,9 @@ def wait_until(
 
 
 def url_answers(url: str, method: str = "GET", key: str | None = None, timeout: float = 10) -> bool:
-    """True when `url` answers 200 (with the cluster key, when given)."""
-    return requests.request(method, url, headers=cluster_headers(key), timeout=timeout).status_code == 200
+    """True when `url` answers 200 (with the cluster key, when given), redirects followed."""
+    response = shared_http().request(method, url, headers=cluster_headers(key), timeout=timeout, follow_redirects=True)
+    return response.status_code == 200
 
 
 def wait_http(
@@ -155,9 +157,8 @@ def wait_http(
 
 
 def listed_models(controller: str, key: str | None = None, timeout: float = 10) -> list[str]:
-    response = requests.post(controller + "/list_models", json={}, headers=cluster_headers(key), timeout=timeout)
-    response.raise_for_status()
-    return response.json()["models"]
+    """The models `controller` lists (`Refused` on an error status, e.g. 401 for a wrong cluster key)."""
+    return ClusterClient(controller, key, timeout).list_models()
 
 
 def wait_models(
