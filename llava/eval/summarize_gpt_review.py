@@ -7,6 +7,9 @@
 Each line is `category relative score1*10 score2*10`, relative = 100 * mean(score2) / mean(score1), as in the
 original. Reviews whose scores could not be parsed ([-1, -1]) are counted and left out of the means; the judge and
 rule hash recorded in the reviews are printed, since scores are comparable only under the same judge and rule.
+
+`--keep-failed` gives the original's numbers: the [-1, -1] reviews are averaged in, as the original did, and stdout
+holds exactly the original's lines (the judge, rule and count notes go to stderr).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -28,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", "--select", nargs="*", default=None, help="only files whose name has all of these")
     parser.add_argument("-f", "--files", nargs="*", default=[], help="review files (default: found in --dir)")
     parser.add_argument("-i", "--ignore", nargs="*", default=[], help="question_ids to leave out")
+    parser.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="average [-1, -1] (unparseable) reviews into the means and print only the original's lines on stdout, "
+        "as the original script did",
+    )
     return parser
 
 
@@ -59,9 +69,11 @@ def _ignored(question_id, ignore: list) -> bool:
     return any(str(question_id) == str(x) for x in ignore)
 
 
-def summarize_file(path: str, ignore: list | None = None) -> dict:
+def summarize_file(path: str, ignore: list | None = None, keep_failed: bool = False) -> dict:
     """{"scores": {category: [relative, score1*10, score2*10] or None}, "invalid": [question_id, ...],
-    "judges": {judge model, ...}, "rules": {category: {rule hash, ...}}}."""
+    "judges": {judge model, ...}, "rules": {category: {rule hash, ...}}}.
+
+    `keep_failed`: [-1, -1] reviews are still listed in "invalid" but averaged in, as the original did."""
     ignore = ignore or []
     scores: dict[str, list] = defaultdict(list)
     categories: set = set()
@@ -87,7 +99,8 @@ def summarize_file(path: str, ignore: list | None = None) -> dict:
                 categories.add(review["category"])
             if list(pair) == INVALID_SCORE:
                 invalid.append(review.get("question_id"))
-                continue
+                if not keep_failed:
+                    continue
             if "category" in review:
                 scores[review["category"]].append(pair)
             scores["all"].append(pair)
@@ -117,15 +130,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         config = config.removesuffix(".jsonl").removesuffix(".json")
         if args.select is not None and any(x not in config for x in args.select):
             continue
-        summary = summarize_file(path, args.ignore)
+        summary = summarize_file(path, args.ignore, args.keep_failed)
         if args.version is not None and not any(args.version in v for v in _judge_version(path, summary["judges"])):
             continue
+        notes = sys.stderr if args.keep_failed else sys.stdout  # --keep-failed: stdout as the original's
         print(config)
         if summary["judges"] or summary["rules"]:
             rules = ", ".join(f"{c}={'/'.join(sorted(h))}" for c, h in sorted(summary["rules"].items()))
             mixed = len(summary["judges"]) > 1 or any(len(h) > 1 for h in summary["rules"].values())
             warning = "  -- MIXED judges or rules: these scores are not comparable" if mixed else ""
-            print(f"judge: {', '.join(sorted(summary['judges'])) or 'unknown'}; rule sha256: {rules}{warning}")
+            note = f"judge: {', '.join(sorted(summary['judges'])) or 'unknown'}; rule sha256: {rules}{warning}"
+            print(note if notes is sys.stdout else f"{config}: {note}", file=notes)
         for category, stats in summary["scores"].items():
             if stats:
                 print(category, *stats)
@@ -133,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 print(category, "(no parseable reviews)")
         if summary["invalid"]:
             ids = ", ".join(str(q) for q in summary["invalid"][:10])
-            print(f"unparseable: {len(summary['invalid'])} review(s) scored [-1, -1], left out (question_id {ids})")
+            fate = "averaged in (--keep-failed)" if args.keep_failed else "left out"
+            note = f"unparseable: {len(summary['invalid'])} review(s) scored [-1, -1], {fate} (question_id {ids})"
+            print(note if notes is sys.stdout else f"{config}: {note}", file=notes)
         print("=================================")
         results[path] = summary
     return results
