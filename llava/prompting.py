@@ -6,7 +6,8 @@ IMAGE_TOKEN_INDEX). What surrounds that marker, and where it stands, is decided 
 - the marker's own text (`image_marker_text`): bare `<image>`, inside `<im_start>`/`<im_end>` for models trained with
   `mm_use_im_start_end`, inside `<Image></Image>` for templates whose `mmtag` field is set (the `*_mmtag` ones);
 - a question asked at inference (`place_image_markers`): one `<image>\\n` per image before the text when the text
-  has no marker of its own, as the original's CLI and eval scripts did;
+  has no marker of its own, as the original's CLI and eval scripts did; `mmtag` templates wrap it as training does,
+  unless `wrap_mmtag=False` asks for the original's CLI and eval scripts' bare marker;
 - a training conversation (`place_training_image_markers`): the single marker of a one-image record moves to the
   front (`<image>\\n` + text), the layout LLaVA-1.5 was trained with; `plain`-style templates keep only the markers
   of a user turn;
@@ -75,19 +76,21 @@ def place_image_markers(
     *,
     template: Conversation | str | None = None,
     mm_use_im_start_end: bool = False,
+    wrap_mmtag: bool = True,
 ) -> str:
     """A user question for inference with `n_images` images, markers placed and wrapped as the model expects.
 
     A question without `<image>` gets `n_images` times `<image>\\n` before it (the original's CLI and eval layout);
     a question that has markers keeps them where they are. `template` (a `Conversation` or a registered name)
-    decides `mmtag` wrapping; `mm_use_im_start_end` comes from the model's config.
+    decides `mmtag` wrapping; `mm_use_im_start_end` comes from the model's config. `wrap_mmtag=False` leaves the
+    marker out of `<Image></Image>` even for an `mmtag` template: the original's CLI and eval scripts sent the
+    question as a plain string, which its `get_prompt` does not rewrite (only training and the web UI wrapped it).
     """
     conv = _template(template)
     if n_images and DEFAULT_IMAGE_TOKEN not in question:
         question = IMAGE_PART_TEXT * n_images + question
-    return wrap_image_markers(
-        question, mmtag=bool(conv is not None and conv.mmtag), mm_use_im_start_end=mm_use_im_start_end
-    )
+    mmtag = wrap_mmtag and conv is not None and conv.mmtag
+    return wrap_image_markers(question, mmtag=bool(mmtag), mm_use_im_start_end=mm_use_im_start_end)
 
 
 def place_training_image_markers(

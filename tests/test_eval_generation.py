@@ -600,3 +600,26 @@ def test_original_loader_names_custom_dataset_and_collate_fn(engine, tmp_path):
             and (images[0] == process_images([image], engine.image_processor, engine.model.config)[0]).all()
         )
         assert sizes == (image.size,)
+
+
+def test_mmtag_prompts_are_the_originals_unless_training_markers_and_answers_record_which(engine, ckpt, tmp_path):
+    """`*_mmtag` templates: the original eval scripts' bare `<image>` by default, training's `<Image><image></Image>`
+    with `--training-image-markers` (the engine's own prompt); a file is not resumed under the other layout."""
+    qfile, folder, questions = vqa_questions(tmp_path, n=2)
+    out = tmp_path / "mmtag.jsonl"
+    args = ["--question-file", qfile, "--image-folder", folder, "--answers-file", str(out), "--conv-mode", "v1_mmtag"]
+    parsed = model_vqa.build_parser().parse_args(["--model-path", ckpt, *args])
+    prompt = model_vqa.question_requests(questions, parsed, engine, "v1_mmtag", qfile)[0].prompt
+    assert "USER: <image>\n" + questions[0]["text"] in prompt and "<Image><image>" not in prompt
+    parsed.training_image_markers = True
+    wrapped = model_vqa.question_requests(questions, parsed, engine, "v1_mmtag", qfile)[0].prompt
+    assert wrapped == engine.build_prompt(questions[0]["text"], 1, "v1_mmtag") != prompt
+    answers = read_jsonl(run(model_vqa, engine, ckpt, args))
+    assert {a["metadata"]["image_markers"] for a in answers} == {"original"}
+    with pytest.raises(ValueError, match="--overwrite"):
+        run(model_vqa, engine, ckpt, [*args, "--training-image-markers"])
+    answers = read_jsonl(run(model_vqa, engine, ckpt, [*args, "--training-image-markers", "--overwrite"]))
+    assert {a["metadata"]["image_markers"] for a in answers} == {"training"}
+    plain_args = ["--question-file", qfile, "--image-folder", folder, "--conv-mode", "llava_v1"]
+    answers = read_jsonl(run(model_vqa, engine, ckpt, [*plain_args, "--answers-file", str(tmp_path / "v1.jsonl")]))
+    assert all("image_markers" not in a["metadata"] for a in answers)  # no mmtag: the two layouts are the same

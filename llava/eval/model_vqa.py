@@ -18,10 +18,12 @@ from llava.eval.runner import (
     Request,
     add_io_args,
     add_model_args,
+    add_prompt_args,
     answer_all,
     get_chunk,
     image_paths,
     opt,
+    question_prompt,
     read_questions,
 )
 
@@ -29,6 +31,7 @@ from llava.eval.runner import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Answer a question file with a LLaVA model (one at a time).")
     add_model_args(parser, temperature=0.2, max_new_tokens=1024)
+    add_prompt_args(parser)
     add_io_args(parser)
     return parser
 
@@ -41,7 +44,7 @@ def question_requests(questions: list[dict], args, engine, conv_mode: str, sourc
         if missing:
             raise ValueError(f"`{source}` question {number} lacks {missing}; each question needs question_id, text.")
         paths = image_paths(opt(args, "image_folder", ""), q.get("image"))
-        prompt = engine.build_prompt(q["text"], len(paths), conv_mode)
+        prompt = question_prompt(engine, q["text"], len(paths), conv_mode, args)
         head = {"question_id": q["question_id"], "prompt": q["text"]}
         requests.append(Request(q["question_id"], head, prompt, paths))
     return requests

@@ -23,6 +23,7 @@ from llava.eval.runner import (
     Request,
     add_io_args,
     add_model_args,
+    add_prompt_args,
     answer_all,
     get_chunk,
     opt,
@@ -97,7 +98,8 @@ class CustomDataset(Dataset):
         line = self.questions[index]
         conv = get_conv_template(self.conv_mode)
         start_end = bool(getattr(self.model_config, "mm_use_im_start_end", False))
-        marker = image_marker_text(mmtag=conv.mmtag, mm_use_im_start_end=start_end)  # always first, as the original
+        # always first and never in <Image></Image>, as the original's (bare even in `*_mmtag` templates)
+        marker = image_marker_text(mm_use_im_start_end=start_end)
         conv.append_message(conv.roles[0], marker + "\n" + line["text"])
         conv.append_message(conv.roles[1], None)
         with Image.open(os.path.join(self.image_folder, line["image"])) as raw:
@@ -121,6 +123,7 @@ def collate_fn(batch: list[tuple]) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Answer a question file with a LLaVA model, batched.")
     add_model_args(parser, temperature=0.2, max_new_tokens=128)
+    add_prompt_args(parser)
     add_io_args(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="questions per forward pass")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader processes loading images (0: inline)")

@@ -22,9 +22,11 @@ from llava.eval.runner import (
     Request,
     add_io_args,
     add_model_args,
+    add_prompt_args,
     answer_all,
     get_chunk,
     opt,
+    question_prompt,
 )
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
@@ -92,6 +94,7 @@ def row_image(row: dict, by_index: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Answer MMBench (TSV with base64 images) with a LLaVA model.")
     add_model_args(parser, temperature=0.2, max_new_tokens=1024)  # the original generated up to 1024 tokens here
+    add_prompt_args(parser)
     add_io_args(parser)
     parser.add_argument("--single-pred-prompt", action="store_true", help="ask for the option's letter only")
     parser.add_argument("--all-rounds", action="store_true", help="ask once per option, rotating the options")
@@ -121,7 +124,7 @@ def mmbench_requests(rows: list[dict], all_rows: list[dict], args, engine, conv_
             for letter, option in zip(ALL_OPTIONS[: len(options)], options):
                 question = question + "\n" + letter + ". " + option
             asked = question + "\n" + instruction if opt(args, "single_pred_prompt", False) else question
-            prompt = engine.build_prompt(asked, 1, conv_mode)
+            prompt = question_prompt(engine, asked, 1, conv_mode, args)
             head = {"question_id": idx, "round_id": round_idx, "prompt": question}
             extra = {"options": options, "option_char": option_char}
             requests.append(Request((idx, round_idx), head, prompt, [image], base64_images=True, extra=extra))

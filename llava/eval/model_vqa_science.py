@@ -20,10 +20,12 @@ from llava.eval.runner import (
     Request,
     add_io_args,
     add_model_args,
+    add_prompt_args,
     answer_all,
     get_chunk,
     image_paths,
     opt,
+    question_prompt,
     read_questions,
 )
 
@@ -33,6 +35,7 @@ SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices dir
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Answer ScienceQA (LLaVA format) with a LLaVA model.")
     add_model_args(parser, temperature=0.2, max_new_tokens=1024)
+    add_prompt_args(parser)
     add_io_args(parser)
     parser.add_argument(
         "--single-pred-prompt", action="store_true", help=f"append the instruction `{SINGLE_PRED_PROMPT}`"
@@ -68,7 +71,7 @@ def science_requests(questions: list[dict], args, engine, conv_mode: str, source
         if opt(args, "single_pred_prompt", False):
             question = question + "\n" + SINGLE_PRED_PROMPT
             shown = shown + "\n" + SINGLE_PRED_PROMPT
-        prompt = engine.build_prompt(question, len(paths), conv_mode)
+        prompt = question_prompt(engine, question, len(paths), conv_mode, args)
         requests.append(Request(line["id"], {"question_id": line["id"], "prompt": shown}, prompt, paths))
     return requests
 

@@ -15,6 +15,9 @@ their provenance.
 
 Without `--conv-mode`, the template is the one the checkpoint records (config `conv_template`), else the original
 script's default (`llava_v1`; `llava_v0` for model_vqa_science), never a guess from the folder name.
+
+Prompts are the original scripts' (`question_prompt`): `<image>\n` before the question, bare even in the `*_mmtag`
+templates, whose training wrapped it as `<Image><image></Image>`; `--training-image-markers` wraps it as training did.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "Request",
     "add_io_args",
     "add_model_args",
+    "add_prompt_args",
     "answer_all",
     "checkpoint_fingerprint",
     "conv_mode_for",
@@ -66,6 +70,7 @@ __all__ = [
     "opt",
     "pending",
     "question_key",
+    "question_prompt",
     "read_answer_texts",
     "read_jsonl",
     "read_questions",
@@ -107,6 +112,16 @@ def add_model_args(parser: argparse.ArgumentParser, *, temperature: float = 0.2,
     parser.add_argument("--num_beams", "--num-beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=max_new_tokens)
     add_threads_argument(parser)
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """How the question's image marker is written (only `*_mmtag` templates differ; see `question_prompt`)."""
+    parser.add_argument(
+        "--training-image-markers",
+        action="store_true",
+        help="in *_mmtag templates, write the image marker as training does (<Image><image></Image>) instead of "
+        "the original eval scripts' bare <image>",
+    )
 
 
 def add_io_args(parser: argparse.ArgumentParser, *, image_folder: bool = True, chunks: bool = True) -> None:
@@ -170,6 +185,27 @@ def conv_mode_for(args: Any, engine, default: str | None = None) -> str:
     if mode not in conv_templates:
         raise ValueError(f"Unknown `--conv-mode` `{mode}`; valid: {', '.join(sorted(conv_templates))}.")
     return mode
+
+
+def question_prompt(engine, question: str, n_images: int, conv_mode: str, args: Any = None) -> str:
+    """One question's full prompt in template `conv_mode`, as the original eval scripts built it: one `<image>\\n`
+    per image before the question (in `<im_start>`/`<im_end>` for models trained with them), bare even in a
+    `*_mmtag` template. With `--training-image-markers` the marker is wrapped as training wraps it
+    (`<Image><image></Image>`), which is `LlavaEngine.build_prompt`'s prompt."""
+    from llava.conversation import get_conv_template
+    from llava.prompting import place_image_markers
+
+    conv = get_conv_template(conv_mode)
+    text = place_image_markers(
+        question,
+        n_images,
+        template=conv,
+        mm_use_im_start_end=bool(getattr(engine.config, "mm_use_im_start_end", False)),
+        wrap_mmtag=bool(opt(args, "training_image_markers", False)),
+    )
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
 
 
 def generation_params(args: Any):
@@ -285,6 +321,8 @@ SETTING_FLAGS = (
 
 def run_meta(args: Any, conv_mode: str) -> dict:
     """What a generation run is, as each answer's `metadata` records it: settings, model, question file."""
+    from llava.conversation import get_conv_template
+
     params = generation_params(args)
     model_path = model_path_of(args)
     base = opt(args, "model_base")
@@ -296,6 +334,8 @@ def run_meta(args: Any, conv_mode: str) -> dict:
         "max_new_tokens": params.max_new_tokens,
     }
     meta.update({name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)})
+    if get_conv_template(conv_mode).mmtag:  # only there do the two marker layouts differ
+        meta["image_markers"] = "training" if opt(args, "training_image_markers", False) else "original"
     local = os.path.isdir(model_path)
     local_base = bool(base) and os.path.isdir(os.path.expanduser(base))
     meta.update(

@@ -16,6 +16,7 @@ import sys
 from llava.conversation import get_conv_template
 from llava.inference import GenerationParams, LlavaEngine, PromptTooLongError, RequestError
 from llava.mm_utils import ImageLoadError, load_image
+from llava.prompting import place_image_markers
 from llava.runtime import add_threads_argument, configure_threads
 
 
@@ -40,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--use-flash-attn", action="store_true")
+    parser.add_argument(
+        "--training-image-markers",
+        action="store_true",
+        help="In *_mmtag templates, write the image marker as training does (<Image><image></Image>) instead of "
+        "the original CLI's bare <image>.",
+    )
     parser.add_argument("--debug", action="store_true", help="Print the prompt and raw output after each answer.")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
@@ -94,7 +101,13 @@ def main(argv=None) -> int:
         if not line.strip():
             continue
         if pending_images:  # the images go with the first message, marked where the user put `<image>` or first
-            line = engine.with_image_markers(line, len(images))
+            line = place_image_markers(
+                line,
+                len(images),
+                template=conv,
+                mm_use_im_start_end=bool(getattr(engine.config, "mm_use_im_start_end", False)),
+                wrap_mmtag=args.training_image_markers,  # the original CLI wrote a bare marker, even for *_mmtag
+            )
         conv.append_message(conv.roles[0], line)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
