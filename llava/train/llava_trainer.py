@@ -37,6 +37,7 @@ from llava.model.checkpoint_format import (  # noqa: F401  (re-exported: earlier
 from llava.train.checkpoint_io import (  # noqa: F401  (re-exported: earlier home of these names)
     CheckpointWriteError,
     checkpoint_problems,
+    complete_checkpoint,
     disk_full_errors,
     disk_full_reason,
     numbered_checkpoints,
@@ -318,7 +319,8 @@ class LLaVATrainer(Trainer):
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = staging_dir(run_dir, name)
-        previous = resumable_checkpoint(run_dir, self.checkpoint_format) if self.args.should_save else None
+        # the checkpoint a disk-full message can point to; checked quietly (resume already warned about broken ones)
+        previous = complete_checkpoint(run_dir, self.checkpoint_format) if self.args.should_save else None
         self.skipped_records.gather()
         self.state.stateful_callbacks[type(self.skipped_records).__name__] = self.skipped_records.state()
         self._staging_dir = staging
