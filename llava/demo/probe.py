@@ -16,7 +16,6 @@ not use it. docs/Demo.md ("Why position was the weak spot") has the measurements
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random
@@ -56,26 +55,28 @@ def _labels(scenes) -> dict[str, torch.Tensor]:
 
 
 def _projector(path: str) -> torch.nn.Module | None:
-    """The `mlp2x_gelu` projector saved in a stage-1 `mm_projector.bin` or a stage-2 model dir (None if absent)."""
-    from safetensors.torch import load_file
+    """The projector of a stage-1 `mm_projector.bin` or of a stage-2 model dir, in float32, read as the model loader
+    reads it (`llava.model.checkpoint_format`; the builder for a full model); None when that stage is not on disk."""
+    from types import SimpleNamespace
 
-    if path.endswith(".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
-    else:
-        state = {}
-        for file in glob.glob(os.path.join(path, "*.safetensors")):
-            state.update(load_file(file))
-    state = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
-    if not state:
+    from llava.model import checkpoint_format as ckpt
+    from llava.model.builder import load_pretrained_model
+    from llava.model.multimodal_projector.builder import build_vision_projector
+
+    directory = os.path.dirname(path) if path.endswith(".bin") else path
+    if not os.path.isfile(path if path.endswith(".bin") else os.path.join(path, ckpt.CONFIG_FILE)):
         return None
-    first, second = state["0.weight"], state["2.weight"]
-    projector = torch.nn.Sequential(
-        torch.nn.Linear(first.shape[1], first.shape[0]),
-        torch.nn.GELU(),
-        torch.nn.Linear(second.shape[1], second.shape[0]),
-    )
-    projector.load_state_dict(state)
-    return projector.eval()
+    info = ckpt.detect_checkpoint_kind(directory)
+    if info.kind in ("projector", "lora"):  # trained weights beside the base: the projector alone
+        state, source = ckpt.read_trained_state(directory, info.kind)
+        projector = build_vision_projector(SimpleNamespace(**info.config))
+        ckpt.load_projector_weights(projector, state, source)
+    elif info.kind == "full":
+        _, model, _, _ = load_pretrained_model(directory, None, os.path.basename(directory), device="cpu")
+        projector = model.get_model().mm_projector
+    else:
+        raise ValueError(f"`{directory}` is a `{info.kind}` checkpoint; the probe reads a LLaVA run's stage 1 or 2.")
+    return projector.float().eval()
 
 
 @torch.no_grad()
