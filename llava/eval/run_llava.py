@@ -18,7 +18,15 @@ from __future__ import annotations
 import argparse
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
-from llava.eval.runner import add_model_args, conv_mode_for, generation_params, load_engine, opt
+from llava.eval.runner import (
+    add_model_args,
+    add_prompt_args,
+    conv_mode_for,
+    generation_params,
+    load_engine,
+    opt,
+    question_prompt,
+)
 
 
 def image_parser(args) -> list[str]:
@@ -38,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-file", type=str, default=None, help="image path(s)/URL(s), joined by --sep")
     parser.add_argument("--query", type=str, required=True, help=f"the question; `{IMAGE_PLACEHOLDER}` marks images")
     parser.add_argument("--sep", type=str, default=",")
+    add_prompt_args(parser)
     return parser
 
 
@@ -47,7 +56,7 @@ def eval_model(args, engine=None) -> str:
     conv_mode = conv_mode_for(args, engine)
     images = load_images(image_parser(args))
     query = args.query.replace(IMAGE_PLACEHOLDER, DEFAULT_IMAGE_TOKEN)
-    prompt = engine.build_prompt(query, len(images), conv_mode)
+    prompt = question_prompt(engine, query, len(images), conv_mode, args)
     output = engine.generate([prompt], [images], generation_params(args), conv_mode)[0]
     print(output)
     return output

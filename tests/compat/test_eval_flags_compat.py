@@ -360,3 +360,100 @@ def test_web_ui_image_turn_prompts_are_the_originals(orig):
         conv.append_message(conv.roles[0], (QUESTION + "\n<image>", None, "Default"))
         conv.append_message(conv.roles[1], None)
         assert conv.get_prompt() == prompt, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run_llava
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The original's run_llava.eval_model until it tokenizes its prompt (model loader replaced, images loaded as written).
+ORIGINAL_RUN_LLAVA = """
+import json, sys, types
+from llava.eval import run_llava as m
+
+jobs = json.loads(sys.argv[1])
+
+
+class Captured(Exception):
+    pass
+
+
+class AnyTensor:
+    def __getattr__(self, name):
+        return lambda *a, **k: self
+
+
+out = {}
+for job in jobs:
+    seen = []
+
+    def record(prompt, *a, **k):
+        seen.append(prompt)
+        raise Captured
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(mm_use_im_start_end=job["start_end"]), device="cpu")
+    m.load_pretrained_model = lambda *a, **k: (None, model, None, 2048)
+    m.tokenizer_image_token = record
+    m.process_images = lambda *a, **k: AnyTensor()
+    args = types.SimpleNamespace(
+        model_path=job["model_path"], model_base=None, query=job["query"], conv_mode=job["conv_mode"],
+        image_file=job["image_file"], sep=",", temperature=0, top_p=None, num_beams=1, max_new_tokens=8,
+    )
+    try:
+        m.eval_model(args)
+    except Captured:
+        pass
+    out[job["key"]] = seen[0] if seen else None
+print(json.dumps(out))
+"""
+
+
+class PromptSpy:
+    """Our engine, with `generate` recording the prompt it is given instead of decoding."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, *a, **k):
+        self.prompts.extend(prompts)
+        return ["ok"] * len(prompts)
+
+
+def test_run_llava_prompt_is_the_originals_and_the_flag_gives_trainings(orig, question_files, engine, tmp_path):
+    from llava.eval import run_llava
+
+    image = os.path.join(question_files["root"], "a.png")
+    queries = {"plain": QUESTION, "placeholder": f"Look: <image-placeholder> {QUESTION}"}
+    jobs, cases = [], []
+    for conv_mode in ("v1_mmtag", "v0_mmtag", "llava_v1"):
+        for start_end in (False, True):
+            for name, query in queries.items():
+                key = f"{conv_mode}|{start_end}|{name}"
+                jobs.append(
+                    {
+                        "key": key,
+                        "conv_mode": conv_mode,
+                        "start_end": start_end,
+                        "query": query,
+                        "image_file": image,
+                        "model_path": str(tmp_path / "llava-test-model"),
+                    }
+                )
+                cases.append((key, conv_mode, start_end, query))
+    theirs = orig.json(ORIGINAL_RUN_LLAVA, json.dumps(jobs))
+    for key, conv_mode, start_end, query in cases:
+        engine.model.config.mm_use_im_start_end = start_end
+        flags = ["--model-path", "unused", "--image-file", image, "--query", query, "--conv-mode", conv_mode]
+        spy = PromptSpy(engine)
+        run_llava.eval_model(run_llava.build_parser().parse_args(flags), engine=spy)
+        run_llava.eval_model(run_llava.build_parser().parse_args([*flags, "--training-image-markers"]), engine=spy)
+        ours, trained = spy.prompts
+        assert theirs[key] is not None and ours == theirs[key], (key, ours, theirs[key])
+        if conv_templates[conv_mode].mmtag:
+            assert trained.count("<Image>") == ours.count("<Image>") + 1, key
+        else:
+            assert trained == ours, key
+    engine.model.config.mm_use_im_start_end = False
