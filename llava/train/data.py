@@ -4,6 +4,9 @@ Records are read and validated up front (schema, `<image>` count, image files), 
 step 1 with its file, index and image path, unless `--skip_bad_records` drops it. Images are opened lazily, in
 `__getitem__`; with `--skip_bad_records` a record whose image fails to load then is dropped from its batch by the
 collator (never replaced by another record).
+
+A little over the house's ~450 lines on purpose: a record's whole way from file to batch (both formats, validation,
+the lazy dataset, the collator) and the `--skip_bad_records` rules that cross all of them stay in one file.
 """
 
 from __future__ import annotations
