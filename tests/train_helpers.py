@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
+
+from llava.serve.launch import free_port  # noqa: F401  (the one free-port helper; the training tests import it here)
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 SHAPES = ("square", "circle")
@@ -151,12 +152,6 @@ def run_watched(cmd: list[str], *, idle_timeout: float = 600, **kwargs) -> subpr
     for reader in readers:
         reader.join()
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out["stdout"]), "".join(out["stderr"]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_flags(tiny, data_path: str, image_folder: str, output_dir: str, **overrides) -> list[str]:
