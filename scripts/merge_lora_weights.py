@@ -11,7 +11,7 @@ import os
 import shutil
 
 from llava.model.builder import load_pretrained_model
-from llava.model.checkpoint_compat import SPM_FILE, finish_checkpoint_dir
+from llava.model.checkpoint_compat import SPM_FILE, finish_checkpoint_dir, sentencepiece_file
 
 
 def merge_lora(args: argparse.Namespace) -> None:
@@ -21,11 +21,12 @@ def merge_lora(args: argparse.Namespace) -> None:
         raise SystemExit(f"`{args.model_path}` was not merged; is it a LoRA checkpoint?")
     model.save_pretrained(args.save_model_path)
     tokenizer.save_pretrained(args.save_model_path)
-    # Legacy config keys and the SentencePiece file, so the original LLaVA code loads the merged model too.
-    finish_checkpoint_dir(args.save_model_path, tokenizer)
     base_spm = os.path.join(os.path.expanduser(args.model_base), SPM_FILE)
-    if not os.path.exists(os.path.join(args.save_model_path, SPM_FILE)) and os.path.isfile(base_spm):
+    if sentencepiece_file(tokenizer) is None and os.path.isfile(base_spm):
         shutil.copyfile(base_spm, os.path.join(args.save_model_path, SPM_FILE))
+    # Legacy config keys, the SentencePiece file, a tokenizer.json of tokenizers 0.15's form: the original LLaVA code
+    # loads the merged model too.
+    finish_checkpoint_dir(args.save_model_path, tokenizer)
     print(f"Merged checkpoint written to {args.save_model_path}")
 
 

@@ -6,6 +6,7 @@ saving. It adds, without changing what our own loader reads:
   tokenizer.model        the SentencePiece file of the tokenizer, when it has one (the original loads LLaMA-style
                          tokenizers with the slow, SentencePiece-only `LlamaTokenizer`)
   tokenizer_config.json  a `tokenizer_class` transformers 4.37 has, where transformers 5 wrote `TokenizersBackend`
+  tokenizer.json         in the form tokenizers 0.15 reads, as the tokenizer our loader builds (tokenizer_compat)
   adapter_config.json    only the keys peft 0.10 knows, when every other key is at its default
   model*.safetensors     a trained tower's weights under transformers 4.x's `vision_model.` level
 """
@@ -17,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+
+from llava.model.tokenizer_compat import write_legacy_tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -211,5 +214,6 @@ def finish_checkpoint_dir(output_dir: str, tokenizer=None, tower_keys: bool = Tr
     if tokenizer is not None:
         copy_sentencepiece(tokenizer, output_dir)
     write_legacy_tokenizer_class(output_dir)
+    write_legacy_tokenizer_json(output_dir)  # after the class: it rewrites what our loader builds from the dir
     if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
         write_legacy_adapter_config(output_dir)

@@ -202,48 +202,59 @@ OURS_KINDS = {  # directory -> base it loads on (None: none)
 }
 
 
-SPM_ONLY = "llava-mistral-full-spm-only"
-TOKENIZER_JSON_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 12): the original loads `mistral`-named checkpoints with the fast tokenizer, and its "
-    "tokenizers 0.15 cannot parse a tokenizer.json written by tokenizers >= 0.19; docs/ModelFormats.md gives the "
-    "workaround, tested by test_ours_written_mistral_without_tokenizer_json",
-)
-
-
 @pytest.fixture(scope="module")
 def ours_probed(orig, bases, ours_written, workdir, image_file):
-    import shutil
-
-    kinds = dict(OURS_KINDS)
-    spm_only = os.path.join(workdir, SPM_ONLY)
-    shutil.copytree(ours_written["llava-mistral-full"], spm_only, ignore=shutil.ignore_patterns("tokenizer.json"))
-    paths = {**ours_written, SPM_ONLY: spm_only}
-    kinds[SPM_ONLY] = None
     jobs = {
         side: [
-            job(name, paths[name], bases.decoder_dirs[b] if b else None, workdir, image_file, side)
-            for name, b in kinds.items()
+            job(name, ours_written[name], bases.decoder_dirs[b] if b else None, workdir, image_file, side)
+            for name, b in OURS_KINDS.items()
         ]
         for side in ("ours", "orig")
     }
     return probe_both(orig, jobs["ours"], jobs["orig"], workdir)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n if n != "llava-mistral-full" else pytest.param(n, marks=TOKENIZER_JSON_GAP) for n in sorted(OURS_KINDS)],
-)
+@pytest.mark.parametrize("name", sorted(OURS_KINDS))
 def test_ours_written_loads_in_the_original(ours_probed, name):
     ours, theirs = ours_probed
     assert_same(ours, theirs, name)
 
 
-def test_ours_written_mistral_without_tokenizer_json(ours_probed):
-    """The documented workaround for the gap above: without tokenizer.json the original builds its fast tokenizer
-    from tokenizer.model, and the Mistral checkpoint (anyres, rope_theta 1e6) gives our logits there."""
-    ours, theirs = ours_probed
-    assert_same(ours, theirs, SPM_ONLY, ours_key="llava-mistral-full")
+# The tokenizer each side's `load_pretrained_model` returns, on a corpus: `tok(text)` and `tokenizer_image_token`.
+TOKENIZE = """
+import json, sys
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+path, corpus = sys.argv[1], json.loads(sys.argv[2])
+tok, _, _, _ = load_pretrained_model(path, None, path.rstrip("/").split("/")[-1], device="cpu")
+print(json.dumps({
+    "type": type(tok).__name__,
+    "ids": [tok(text).input_ids for text in corpus],
+    "image_ids": [tokenizer_image_token(text, tok, IMAGE_TOKEN_INDEX) for text in corpus if "<image>" in text],
+}))
+"""
+
+
+def test_ours_written_mistral_tokenizer_is_ours_in_the_original(orig, ours_written):
+    """The original loads `*mistral*` checkpoints with its fast tokenizer: our tokenizer.json read by its
+    tokenizers 0.15 (llava.model.tokenizer_compat). Same ids as our loader on special tokens written in the text,
+    <image>, unicode, runs and leading spaces, newlines."""
+    import subprocess
+
+    from test_tokenizer_compat import CORPUS
+
+    path = ours_written["llava-mistral-full"]
+    args = [path, json.dumps(CORPUS)]
+    theirs = orig.json(ORIG_FP32_LOADER + TOKENIZE, *args)
+    proc = subprocess.run([sys.executable, "-c", TOKENIZE, *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert theirs["type"] == "LlamaTokenizerFast", theirs["type"]  # the fast path, i.e. tokenizer.json
+    for text, a, b in zip(CORPUS, ours["ids"], theirs["ids"], strict=True):
+        assert a == b, f"{text!r}: ours {a} vs the original {b}"
+    assert ours["image_ids"] == theirs["image_ids"]
 
 
 def test_ours_written_files_are_of_the_originals_era(ours_written, bases):
