@@ -7,15 +7,18 @@ import base64
 import http.server
 import io
 import os
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from serve_helpers import Proc, free_port, wait_until
+from serve_helpers import REPO, SERVE_ENV, SLACK, Proc, free_port, wait_until
 
 from llava.conversation import get_conv_template
-from llava.serve.client import CLUSTER_KEY_HEADER, stream_worker
+from llava.serve.client import CLUSTER_KEY_ENV, CLUSTER_KEY_HEADER, stream_worker
 
 pytestmark = pytest.mark.slow
 
@@ -461,3 +464,114 @@ def test_url_allow_list_by_host_and_network():
     assert _refused_kind(ipaddress.ip_address("8.8.8.8"), "dns.google", ()) == ""
     with pytest.raises(ValueError, match="--image-url-allow"):
         ImageLimits(url_allow=("not a host!",))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1 and 3 end to end: a keyed cluster serves every client; an accepted heavy request stalls nobody
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_module(module: str, args: list[str], key: str | None) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` from the repository root, with `key` as LLAVA_CLUSTER_KEY ("" for none)."""
+    env = {**os.environ, **SERVE_ENV, CLUSTER_KEY_ENV: key or ""}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60 * SLACK
+    )
+
+
+def test_keyed_cluster_answers_every_client_and_refuses_a_keyless_worker(secure, checkpoint):
+    question = "Tell me a story."
+    # the API server: a real answer, from the worker behind the keyed controller
+    response = chat(secure.api, question, max_tokens=8)
+    assert response.status_code == 200, response.text
+    api_answer = response.json()["choices"][0]["message"]["content"]
+    assert api_answer.strip()
+    # test_message, with the key from the environment or from the flag: the same answer (temperature 0)
+    message_args = ["--controller-address", secure.controller, "--message", question, "--max-new-tokens", "8"]
+    for key, flag in ((KEY, []), (None, ["--cluster-key", KEY])):
+        done = run_module("llava.serve.test_message", message_args + flag, key)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"Worker: {secure.worker_url} (alpha, template `llava_v1`)" in done.stdout, done.stdout
+        assert api_answer.strip() in done.stdout, (api_answer, done.stdout)
+    refused = run_module("llava.serve.test_message", message_args, None)
+    assert refused.returncode == 1 and "401" in refused.stderr and "--cluster-key" in refused.stderr, refused.stderr
+    # register_worker by hand: with the key the controller re-registers the worker; without it, 401
+    register_args = ["--controller-address", secure.controller, "--worker-name", secure.worker_url]
+    done = run_module("llava.serve.register_worker", register_args, KEY)
+    assert done.returncode == 0 and "Registered" in done.stdout, done.stderr[-2000:]
+    refused = run_module("llava.serve.register_worker", register_args, None)
+    assert refused.returncode == 1 and "Registration refused" in refused.stderr and "401" in refused.stderr
+
+    # the web UI (LLAVA_CLUSTER_KEY in its environment): a question and its streamed answer
+    from gradio_client import Client
+
+    client = Client(secure.web, verbose=False)
+    client.predict(api_name="/load_demo")  # what the page does on load: lists the models (with the key)
+    client.predict(question, None, "Default", api_name="/add_text")
+    shown = client.predict("alpha", 0.0, 1.0, 8, api_name="/http_bot")  # the chat as the page shows it
+    text = lambda message: "".join(part["text"] for part in message["content"])  # noqa: E731
+    assert [m["role"] for m in shown] == ["user", "assistant"] and text(shown[0]) == question, shown
+    assert text(shown[1]).strip() == api_answer.strip(), (shown, api_answer)  # the same model, the same answer
+
+    # a worker without the key (on 0.0.0.0, so it must warn loudly) is refused and never listed
+    s = Stack(secure.tmp)
+    port = free_port()
+    try:
+        keyless = s.worker(
+            "keyless-worker",
+            port,
+            secure.controller,
+            checkpoint,
+            ["--host", "0.0.0.0", "--model-name", "beta"],
+            env={CLUSTER_KEY_ENV: ""},
+        )
+        wait_until(lambda: "answered 401" in keyless.log_tail(), 180, "the keyless worker's refusal", [keyless])
+        log = keyless.log_tail(200)
+        assert "WARNING: this model worker listens on 0.0.0.0 WITHOUT a cluster key" in log, log
+        assert "--cluster-key" in log and "Cannot register with the controller" in log, log
+        assert requests.post(secure.controller + "/list_models", headers=AUTH, timeout=10).json() == {
+            "models": ["alpha"]
+        }
+        assert keyless.alive()  # it keeps running (and retrying); only the controller decides who joins
+    finally:
+        s.stop()
+    assert "WITHOUT a cluster key" not in secure.worker_proc.log_tail(200)  # the keyed worker gave no warning
+
+
+def test_an_accepted_heavy_request_does_not_stall_a_small_one(secure):
+    """Two requests of 2 x 49 MP PNGs each (98 M pixels: under --max-image-pixels and --max-request-pixels) are
+    accepted and decoded, taking both large-decode slots; a small request sent while they decode is answered long
+    before them."""
+    heavy_message = [{"type": "image_url", "image_url": {"url": data_url(png_bytes((7000, 7000), (30, 120, 200)))}}]
+    heavy_message = heavy_message * 2 + [{"type": "text", "text": "What is it?"}]
+    small_message = image_message(data_url(png_bytes((64, 48))))
+    pid = secure.worker_proc.pid
+    before = rss_kb(pid)
+    spans = {}
+
+    def timed(name: str, content) -> requests.Response:
+        start = time.monotonic()
+        response = chat(secure.api, content)
+        spans[name] = (start, time.monotonic())
+        return response
+
+    with ThreadPoolExecutor(2) as pool:
+        heavy = [pool.submit(timed, f"heavy {i}", heavy_message) for i in range(2)]
+        # a decoded 49 MP image is ~150-200 MB: the worker has grown by that much once decoding has begun
+        decoding = lambda: rss_kb(pid) - before > 100 * 1024 or any(f.done() for f in heavy)  # noqa: E731
+        wait_until(decoding, 120, "the worker to start decoding the heavy images", [secure.worker_proc], 0.05)
+        assert not any(f.done() for f in heavy), "the heavy requests ended before the test could send the small one"
+        small = timed("small", small_message)
+        assert not all(f.done() for f in heavy), "the small request waited for the heavy ones"
+        for future in heavy:
+            response = future.result()
+            assert response.status_code == 200, response.text[:300]
+    assert small.status_code == 200, small.text[:300]
+    tokens = lambda response: response.json()["usage"]["prompt_tokens"]  # noqa: E731
+    assert all(tokens(f.result()) > tokens(small) for f in heavy)  # both heavy images reached the model
+    small_start, small_end = spans["small"]
+    for name in ("heavy 0", "heavy 1"):
+        heavy_start, heavy_end = spans[name]
+        assert small_end < heavy_end, (name, spans)
+        # relative, so a busy machine slows both alike: the small one took a fraction of the heavy one's time
+        assert small_end - small_start < (heavy_end - heavy_start) / 2, (name, spans)
