@@ -241,3 +241,26 @@ def test_unknown_version_lists_the_valid_ones(tokenizers):
         check_version("vicuna_v9")
     with pytest.raises(ValueError, match="has none"):
         Preprocessor(tokenizers["bpe_plain"], CHAT_TEMPLATE)
+
+
+def test_training_loads_the_tokenizer_as_serving_does(tiny):
+    """A LLaMA SentencePiece base without a `legacy` choice: training tokenizes a multi-turn text (`</s>USER:` inside
+    one chunk) to the ids the serving loader and the original (transformers 4.37's legacy mode) give."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from llava.model.builder import load_tokenizer as serving_tokenizer
+    from llava.train.model_setup import load_tokenizer as training_tokenizer
+
+    training = training_tokenizer(
+        SimpleNamespace(model_name_or_path=tiny.tokenizer_dir), SimpleNamespace(cache_dir=None, model_max_length=64)
+    )
+    serving = serving_tokenizer(tiny.tokenizer_dir)
+    default = AutoTokenizer.from_pretrained(tiny.tokenizer_dir)
+    texts = ["ASSISTANT: red</s>USER: What is it?", "a<unk>b", " hi", "USER: hi ASSISTANT:"]
+    for text in texts:
+        assert training(text).input_ids == serving(text).input_ids, text
+    # the case is real: transformers 5's default gives the word after `</s>` another piece
+    assert default(texts[0]).input_ids != training(texts[0]).input_ids
+    assert training.padding_side == "right" and training.model_max_length == 64

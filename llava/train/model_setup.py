@@ -29,6 +29,7 @@ from llava.model.assemble import (
     parameter_parts,
     specs_from_args,
 )
+from llava.model.builder import tokenizer_kwargs
 from llava.model.image_tokens import start_end_token_ids
 from llava.model.language_model import DECODERS, decoder_for_config
 from llava.train.args import DataArguments, ModelArguments, TrainingArguments
@@ -172,12 +173,26 @@ def attach_vision(
 
 
 def load_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-    )
+    """The base's tokenizer as inference (`llava.model.builder.load_tokenizer`) and the original's training load it:
+    a LLaMA SentencePiece tokenizer that does not choose runs in legacy mode, so a word after a special token written
+    in the text (`</s>USER:` between turns) gets the same ids in training and in serving."""
+    path = model_args.model_name_or_path
+
+    def load(**extra):
+        return transformers.AutoTokenizer.from_pretrained(
+            path,
+            cache_dir=training_args.cache_dir,
+            model_max_length=training_args.model_max_length,
+            padding_side="right",
+            **extra,
+        )
+
+    tokenizer = load(**tokenizer_kwargs(path)) if os.path.isdir(path) else load()
+    if not os.path.isdir(path):  # a hub id: decide from the files it brought
+        vocab_file = getattr(tokenizer, "vocab_file", None)
+        extra = tokenizer_kwargs(os.path.dirname(vocab_file)) if vocab_file and os.path.isfile(vocab_file) else {}
+        if extra:
+            tokenizer = load(**extra)
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token or tokenizer.eos_token
         logger.info("The tokenizer has no pad token; padding with `%s` (padded positions are masked).", fallback)
