@@ -19,7 +19,10 @@ def test_supervisor_stack_tools_and_reverse_stop(tiny, tmp_path, capsys):
     model = tiny.model("llama", seed=3)
     model.config.conv_template = "llava_v1"
     checkpoint = tiny.save_full(model, "launch-tiny")
-    stack = Supervisor(str(tmp_path / "logs"), env={"OMP_NUM_THREADS": "1"}, timeout=60 * SLACK)
+    announced: list[str] = []
+    stack = Supervisor(
+        str(tmp_path / "logs"), env={"OMP_NUM_THREADS": "1"}, timeout=60 * SLACK, announce=announced.append
+    )
     with stack:
         controller = stack.start_controller()
         worker, _ = stack.start_worker(checkpoint, "tiny", ["--device", "cpu", "--heart-beat-interval", "1"])
@@ -45,6 +48,8 @@ def test_supervisor_stack_tools_and_reverse_stop(tiny, tmp_path, capsys):
         assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
         procs = list(stack.procs)
         assert [p.name.split("-")[0] for p in procs] == ["controller", "worker", "openai"]
+        modules = [line.split(" -m ", 1)[1].split()[0] for line in announced if line.startswith("$ ")]
+        assert modules == ["llava.serve.controller", "llava.serve.model_worker", "llava.serve.openai_api_server"]
     assert all(not p.alive() for p in procs)  # stopped, each by its own PID
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from llava.demo.steps import (  # noqa: F401  (the steps' names stay importable 
     trainer_losses,
 )
 from llava.runtime import add_threads_argument, configure_threads
-from llava.serve.launch import free_port  # `preferred` when free, else one the OS picks (importable from here too)
+from llava.serve.launch import Supervisor, free_port  # free_port: importable from here too
 
 
 def _demo_sizes() -> TinySizes:
@@ -122,100 +121,14 @@ PRESETS: dict[str, DemoConfig] = {
 # ---------------------------------------------------------------------------------------------------------- serving
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, method: str = "GET") -> bytes:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.time() + timeout
-    last: Exception | None = None
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise StepFailed(f"The process serving {url} exited with status {proc.returncode}.")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as response:
-                return response.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-            last = err
-            time.sleep(0.5)
-    raise StepFailed(f"{url} did not answer within {timeout:.0f}s ({last}).")
-
-
-class Servers:
-    """Controller, model worker and Gradio web server as child processes; stopped together."""
-
-    def __init__(self, run: Run, host: str, web_port: int):
-        self.run = run
-        self.host = host
-        self.controller_port = free_port(10000, host)
-        self.worker_port = free_port(40000, host)
-        self.web_port = free_port(web_port, host)
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    @property
-    def controller_url(self) -> str:
-        return f"http://{self.host}:{self.controller_port}"
-
-    @property
-    def worker_url(self) -> str:
-        return f"http://{self.host}:{self.worker_port}"
-
-    @property
-    def web_url(self) -> str:
-        return f"http://{self.host}:{self.web_port}"
-
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        cmd = [self.run.python, "-m", f"llava.serve.{name}", *args]
-        log(f"$ {' '.join(cmd)}")
-        logf = open(os.path.join(self.run.paths.logs, f"{name}.log"), "wb")
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def start(self, timeout: float = 180) -> None:
-        os.makedirs(self.run.paths.logs, exist_ok=True)
-        controller = self._start("controller", ["--host", self.host, "--port", str(self.controller_port)])
-        _wait_http(f"{self.controller_url}/list_models", timeout, controller, method="POST")
-        worker = self._start(
-            "model_worker",
-            [
-                "--host", self.host,
-                "--port", str(self.worker_port),
-                "--controller", self.controller_url,
-                "--worker", self.worker_url,
-                "--model-path", self.run.paths.stage2,
-                "--device", "cpu",
-            ],
-        )  # fmt: skip
-        name = os.path.basename(self.run.paths.stage2)
-        deadline = time.time() + timeout
-        while name not in json.loads(_wait_http(f"{self.controller_url}/list_models", 30, worker, "POST")).get(
-            "models", []
-        ):
-            if time.time() > deadline:
-                raise StepFailed(f"The model worker did not register `{name}` within {timeout:.0f}s.")
-            time.sleep(0.5)
-        web = self._start(
-            "gradio_web_server",
-            [
-                "--host", self.host,
-                "--port", str(self.web_port),
-                "--controller-url", self.controller_url,
-                "--model-list-mode", "reload",
-                "--log-dir", os.path.join(self.run.paths.out, "serve_logs"),
-            ],
-        )  # fmt: skip
-        _wait_http(self.web_url + "/", timeout, web)
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        self.procs.clear()
+def start_servers(servers: Supervisor, run: Run, web_port: int) -> str:
+    """Controller, model worker (the stage-2 model, on CPU) and Gradio web server on `servers`, each waited for;
+    the web UI's URL. Ports: 10000, 40000 and `web_port` when free, else ones the OS picks."""
+    servers.start_controller(port=free_port(10000, servers.host))
+    servers.start_worker(run.paths.stage2, args=["--device", "cpu"], port=free_port(40000, servers.host))
+    servers.wait_models([os.path.basename(run.paths.stage2)])
+    web_args = ["--model-list-mode", "reload", "--log-dir", os.path.join(run.paths.out, "serve_logs")]
+    return servers.start_web_server(web_args, port=free_port(web_port, servers.host))
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -313,17 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures = []
     if args.no_serve:
         return 1 if failures else 0
-    servers = Servers(run, args.host, args.port)
+    # The user's settings of the serving environment win, as in every step; each command line is printed.
+    env = {key: os.environ.get(key, value) for key, value in ENV.items()}
+    servers = Supervisor(run.paths.logs, args.host, env, run.python, timeout=180, announce=log)
     # `kill` (SIGTERM) stops the servers as Ctrl-C does, instead of leaving them running without their parent.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         log("serving: controller, model worker, Gradio web server")
-        servers.start()
-        print(f"\n  Open {servers.web_url} and ask about an image from {run.paths.data}/images/eval/")
+        web_url = start_servers(servers, run, args.port)
+        print(f"\n  Open {web_url} and ask about an image from {run.paths.data}/images/eval/")
         print("  (e.g. 'What color is the shape?'). Press Ctrl-C to stop.\n", flush=True)
-        while all(proc.poll() is None for _, proc in servers.procs):
+        while all(proc.alive() for proc in servers.procs):
             time.sleep(1)
-        dead = [name for name, proc in servers.procs if proc.poll() is not None]
+        dead = [proc.name for proc in servers.procs if not proc.alive()]
         log(f"{', '.join(dead)} stopped; see {run.paths.logs}")
         return 1
     except KeyboardInterrupt:

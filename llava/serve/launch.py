@@ -173,7 +173,8 @@ def wait_models(
 class Supervisor:
     """The processes of one serving stack: a controller, model workers, an OpenAI API server and a web UI, each a
     `python -m llava.serve.<module>` child on `host`. `stop()` (or leaving the `with` block) stops them in reverse
-    start order, each by its own PID. `timeout` bounds every readiness wait (seconds)."""
+    start order, each by its own PID. `timeout` bounds every readiness wait (seconds); `announce`, when given, is
+    called with each command line (`$ python -m ...`) as its process starts."""
 
     def __init__(
         self,
@@ -183,9 +184,10 @@ class Supervisor:
         python: str = sys.executable,
         cluster_key: str | None = None,
         timeout: float = 180.0,
+        announce: Callable[[str], object] | None = None,
     ):
         self.log_dir, self.host, self.env, self.python = log_dir, host, dict(env or {}), python
-        self.cluster_key, self.timeout = cluster_key, timeout
+        self.cluster_key, self.timeout, self.announce = cluster_key, timeout, announce
         self.procs: list[ServerProcess] = []
         self.controller: str | None = None
 
@@ -197,6 +199,8 @@ class Supervisor:
         module = module if "." in module else f"llava.serve.{module}"
         proc = ServerProcess(name, module, args, self.log_dir, {**self.env, **(env or {})}, self.python)
         self.procs.append(proc)
+        if self.announce:
+            self.announce("$ " + " ".join(proc.popen.args))
         return proc
 
     def _key_args(self) -> list[str]:
