@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> str:
         out = []
         for col in columns:
             if col == "prediction":
-                out.append(predictions.get(row["index"]))
+                # An empty reply is an empty cell, as the original's pandas/openpyxl wrote it.
+                out.append(predictions.get(row["index"]) or None)
             else:
                 value = row.get(col)
                 out.append(None if is_none(value, args.na_as_missing) else types[col](value))

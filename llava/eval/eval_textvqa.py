@@ -78,9 +78,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results[args.result_file] = eval_single(args.annotation_file, args.result_file)
     if args.result_dir:
         for name in sorted(os.listdir(args.result_dir)):
-            if name.endswith(".jsonl"):
-                path = os.path.join(args.result_dir, name)
-                results[path] = eval_single(args.annotation_file, path)
+            if not name.endswith(".jsonl"):
+                print(f"Skipping {name}")  # as the original does
+                continue
+            path = os.path.join(args.result_dir, name)
+            results[path] = eval_single(args.annotation_file, path)
     return results
 
 
