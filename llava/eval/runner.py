@@ -191,21 +191,10 @@ def question_prompt(engine, question: str, n_images: int, conv_mode: str, args: 
     """One question's full prompt in template `conv_mode`, as the original eval scripts built it: one `<image>\\n`
     per image before the question (in `<im_start>`/`<im_end>` for models trained with them), bare even in a
     `*_mmtag` template. With `--training-image-markers` the marker is wrapped as training wraps it
-    (`<Image><image></Image>`), which is `LlavaEngine.build_prompt`'s prompt."""
-    from llava.conversation import get_conv_template
-    from llava.prompting import place_image_markers
-
-    conv = get_conv_template(conv_mode)
-    text = place_image_markers(
-        question,
-        n_images,
-        template=conv,
-        mm_use_im_start_end=bool(getattr(engine.config, "mm_use_im_start_end", False)),
-        wrap_mmtag=bool(opt(args, "training_image_markers", False)),
+    (`<Image><image></Image>`), which is `LlavaEngine.build_prompt`'s default."""
+    return engine.build_prompt(
+        question, n_images, conv_mode, wrap_mmtag=bool(opt(args, "training_image_markers", False))
     )
-    conv.append_message(conv.roles[0], text)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
 
 
 def generation_params(args: Any):

@@ -104,19 +104,25 @@ class LlavaEngine:
             mmtag=conv.mmtag, mm_use_im_start_end=bool(getattr(self.config, "mm_use_im_start_end", False))
         )
 
-    def with_image_markers(self, question: str, n_images: int, conv_mode: str | None = None) -> str:
-        """`question` with one image marker per image, placed and wrapped by `llava.prompting.place_image_markers`."""
+    def with_image_markers(
+        self, question: str, n_images: int, conv_mode: str | None = None, wrap_mmtag: bool = True
+    ) -> str:
+        """`question` with one image marker per image, placed and wrapped by `llava.prompting.place_image_markers`
+        (`wrap_mmtag=False`: the bare marker the original's CLI and eval scripts sent in `*_mmtag` templates)."""
         return place_image_markers(
             question,
             n_images,
             template=get_conv_template(conv_mode or self.conv_mode),
             mm_use_im_start_end=bool(getattr(self.config, "mm_use_im_start_end", False)),
+            wrap_mmtag=wrap_mmtag,
         )
 
-    def build_prompt(self, question: str, n_images: int = 0, conv_mode: str | None = None) -> str:
+    def build_prompt(
+        self, question: str, n_images: int = 0, conv_mode: str | None = None, wrap_mmtag: bool = True
+    ) -> str:
         """A one-turn prompt in the model's chat template, ready for the assistant's reply."""
         conv = get_conv_template(conv_mode or self.conv_mode)
-        conv.append_message(conv.roles[0], self.with_image_markers(question, n_images, conv_mode))
+        conv.append_message(conv.roles[0], self.with_image_markers(question, n_images, conv_mode, wrap_mmtag))
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 

@@ -16,7 +16,6 @@ import sys
 from llava.conversation import get_conv_template
 from llava.inference import GenerationParams, LlavaEngine, PromptTooLongError, RequestError
 from llava.mm_utils import ImageLoadError, load_image
-from llava.prompting import place_image_markers
 from llava.runtime import add_threads_argument, configure_threads
 
 
@@ -101,13 +100,8 @@ def main(argv=None) -> int:
         if not line.strip():
             continue
         if pending_images:  # the images go with the first message, marked where the user put `<image>` or first
-            line = place_image_markers(
-                line,
-                len(images),
-                template=conv,
-                mm_use_im_start_end=bool(getattr(engine.config, "mm_use_im_start_end", False)),
-                wrap_mmtag=args.training_image_markers,  # the original CLI wrote a bare marker, even for *_mmtag
-            )
+            # the original CLI wrote a bare marker, even for *_mmtag templates
+            line = engine.with_image_markers(line, len(images), wrap_mmtag=args.training_image_markers)
         conv.append_message(conv.roles[0], line)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
