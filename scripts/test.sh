@@ -2,13 +2,15 @@
 # Set up (if needed) and run the whole test suite on CPU, as CI does. Extra arguments go to pytest.
 #   bash scripts/test.sh            the locked versions (constraints.txt) in .venv: what CI runs
 #   bash scripts/test.sh --latest   the newest versions pyproject.toml allows, in .venv-latest
+#   bash scripts/test.sh --oldest   the oldest versions it allows (constraints-oldest.txt), in .venv-oldest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
-if [ "${1:-}" = "--latest" ]; then
+if [ "${1:-}" = "--latest" ] || [ "${1:-}" = "--oldest" ]; then
+  mode="${1#--}"
   shift
-  bash scripts/setup.sh --latest train,serve,quant,test,bench
-  venv=.venv-latest
+  bash scripts/setup.sh "--$mode" train,serve,quant,test,bench
+  venv=".venv-$mode"
 else
   bash scripts/setup.sh train,serve,quant,test,bench
 fi

@@ -1,4 +1,5 @@
-"""Installs: pyproject's split matches the original's; constraints.txt pins what pyproject allows and is what .venv holds."""
+"""Installs: pyproject's split matches the original's; constraints.txt pins what pyproject allows and is what .venv holds;
+constraints-oldest.txt pins the bottom of every range."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def project() -> dict:
         return tomllib.load(f)["project"]
 
 
-def pins() -> dict[str, str]:
+def pins(lock: str = "constraints.txt") -> dict[str, str]:
     out = {}
-    with open(os.path.join(REPO, "constraints.txt")) as f:
+    with open(os.path.join(REPO, lock)) as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -54,20 +55,40 @@ def test_constraints_pin_every_requirement_within_pyproject_bounds():
         assert req.specifier.contains(locked[name], prereleases=True), (str(req), locked[name])
 
 
+def test_oldest_constraints_pin_the_bottom_of_every_range():
+    oldest, locked = pins("constraints-oldest.txt"), pins()
+    reqs = [Requirement(r) for r in project()["dependencies"]]
+    reqs += [Requirement(r) for k in ("train", "test", "bench") for r in project()["optional-dependencies"][k]]
+    for req in reqs:
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in oldest, f"constraints-oldest.txt has no pin for {req.name}"
+        assert req.specifier.contains(oldest[name], prereleases=True), (str(req), oldest[name])
+        assert Version(oldest[name]) <= Version(locked.get(name, oldest[name])), (name, oldest[name], locked.get(name))
+        floors = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        # At the floor itself, or above it only where a dependency demands more (gradio 6.31 wants fastapi 0.133).
+        if floors and Version(oldest[name]) != floors[0]:
+            assert name in {"fastapi", "tokenizers", "uvicorn", "httpx", "requests", "openai"}, (name, oldest[name])
+    torch_floor = next(s.version for s in Requirement(project()["dependencies"][0]).specifier if s.operator == ">=")
+    # transformers 5.25 builds no model on torch < 2.6, so the floor is 2.6 (pyproject.toml's comment).
+    assert Version(oldest["torch"]) == Version(torch_floor) == Version("2.6")
+
+
 @pytest.mark.skipif(
-    os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(REPO, ".venv")),
-    reason="checks the locked .venv only (scripts/test.sh --latest runs in .venv-latest)",
+    os.path.basename(os.path.realpath(sys.prefix)) not in (".venv", ".venv-oldest")
+    or os.path.dirname(os.path.realpath(sys.prefix)) != os.path.realpath(REPO),
+    reason="checks the locked .venv and .venv-oldest only (scripts/test.sh --latest runs in .venv-latest)",
 )
 def test_locked_environment_has_the_pinned_versions():
+    lock = "constraints-oldest.txt" if sys.prefix.rstrip("/").endswith("-oldest") else "constraints.txt"
     wrong = {}
-    for name, version in pins().items():
+    for name, version in pins(lock).items():
         try:
             have = metadata.version(name).split("+")[0]
         except metadata.PackageNotFoundError:
             continue  # a platform-specific dependency this machine does not need
         if have != version:
             wrong[name] = (have, version)
-    assert not wrong, f"installed vs constraints.txt: {wrong}; run `bash scripts/setup.sh` to re-sync"
+    assert not wrong, f"installed vs {lock}: {wrong}; run `bash scripts/setup.sh` to re-sync"
 
 
 def test_lock_script_writes_the_closure(tmp_path):
