@@ -45,22 +45,23 @@ def test_base_install_serves_and_train_adds_deepspeed_and_wandb():
     assert version >= Version("1.2") and str(version) == llava.__version__ == metadata.version("llava")
 
 
+def requirements(*extras: str) -> list[tuple[str, Requirement]]:
+    """(canonical name, requirement) of the base dependencies and the given extras."""
+    reqs = [Requirement(r) for r in project()["dependencies"]]
+    reqs += [Requirement(r) for k in extras for r in project()["optional-dependencies"][k]]
+    return [(re.sub(r"[-_.]+", "-", req.name).lower(), req) for req in reqs]
+
+
 def test_constraints_pin_every_requirement_within_pyproject_bounds():
     locked = pins()
-    reqs = [Requirement(r) for r in project()["dependencies"]]
-    reqs += [Requirement(r) for k in ("train", "test") for r in project()["optional-dependencies"][k]]
-    for req in reqs:
-        name = re.sub(r"[-_.]+", "-", req.name).lower()
+    for name, req in requirements("train", "test"):
         assert name in locked, f"constraints.txt has no pin for {req.name}"
         assert req.specifier.contains(locked[name], prereleases=True), (str(req), locked[name])
 
 
 def test_oldest_constraints_pin_the_bottom_of_every_range():
     oldest, locked = pins("constraints-oldest.txt"), pins()
-    reqs = [Requirement(r) for r in project()["dependencies"]]
-    reqs += [Requirement(r) for k in ("train", "test", "bench") for r in project()["optional-dependencies"][k]]
-    for req in reqs:
-        name = re.sub(r"[-_.]+", "-", req.name).lower()
+    for name, req in requirements("train", "test", "bench"):
         assert name in oldest, f"constraints-oldest.txt has no pin for {req.name}"
         assert req.specifier.contains(oldest[name], prereleases=True), (str(req), oldest[name])
         assert Version(oldest[name]) <= Version(locked.get(name, oldest[name])), (name, oldest[name], locked.get(name))

@@ -103,7 +103,7 @@ class DemoConfig:
 
 PRESETS: dict[str, DemoConfig] = {
     "default": DemoConfig(),
-    # the reduced run of tests/test_demo.py (about 100 s): a quarter of the images and half the stage-2 steps, enough
+    # the reduced run of tests/test_demo.py (about 100 s): a quarter of the images and 4 stage-2 epochs, enough
     # to beat the blank-image ablation by a wide margin (about 78 % vs 32 %), not to reach the default's 90 %
     "quick": DemoConfig(
         train_images=2000,
