@@ -392,17 +392,21 @@ def test_packed_sample_lengths_leave_out_padding():
 
 
 def test_bf16_on_a_cpu_without_it_names_the_flag(monkeypatch, tmp_path):
-    """--bf16 True trains on CPU where the CPU has bf16 instructions; where it has none the error names the flag.
-    (A CPU without bf16 cannot exist on this machine, so that case replaces the probe of /proc/cpuinfo.)"""
+    """--bf16 True trains on CPU with or without bf16 instructions (the seeds' scripts all pass it); without them the
+    change note names the flag and the fp32 alternative. Both cases run here: the probe of /proc/cpuinfo is replaced
+    by each answer in turn."""
     import llava.train.args as train_args
 
     argv = ["--output_dir", str(tmp_path), "--bf16", "True", "--report_to", "none"]
-    if train_args.cpu_bf16_instructions():
+    for instructions in ("avx512_bf16", None):
+        monkeypatch.setattr(train_args, "cpu_bf16_instructions", lambda found=instructions: found)
         _, _, training_args = train_args.parse_args(argv)
         assert training_args.bf16 and training_args.use_cpu
-    monkeypatch.setattr(train_args, "cpu_bf16_instructions", lambda: None)
-    with pytest.raises(ValueError, match=r"--bf16 True.*no bf16 instructions.*--bf16 False"):
-        train_args.parse_args(argv)
+        emulated = [n for n in training_args.hardware_notes if "no bf16 instructions" in n]
+        if instructions:
+            assert emulated == []
+        else:
+            assert len(emulated) == 1 and "--bf16 True" in emulated[0] and "--bf16 False" in emulated[0]
 
 
 def test_mfu_flops_of_the_7b_shape():
