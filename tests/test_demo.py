@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -337,6 +339,14 @@ def test_pipeline_config_overrides_and_checks():
         args.no_serve and config.stage2_epochs == 3.0 and config.train_images == pipeline.PRESETS["quick"].train_images
     )
     assert pipeline.parse_args(["--threads", "1"])[0].threads == 1
+    # every recipe override is listed with the default preset's value, as docs/Demo.md tells users to use them
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as shown:
+        pipeline.parse_args(["--help"])
+    for name in ("--seed INT", "--stage2-epochs FLOAT", "--tower-patch-targets INT"):
+        assert name in shown.getvalue(), name
+    assert f"[{pipeline.PRESETS['default'].stage2_epochs}]" in shown.getvalue()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        pipeline.parse_args(["--seed", "two"])
     with pytest.raises(SystemExit):
         pipeline.parse_args(["--threads", "0"])
     default = pipeline.PRESETS["default"]

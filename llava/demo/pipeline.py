@@ -163,10 +163,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
     parser.add_argument("--port", type=int, default=7860, help="web UI port (another free one if taken)")
     parser.add_argument("--serve-only", action="store_true", help="serve an already trained demo model")
     add_threads_argument(parser)  # every step: this process and, through OMP_NUM_THREADS, the subprocesses
+    recipe = parser.add_argument_group(
+        "recipe", "any field of DemoConfig (llava/demo/pipeline.py); the default preset's value in brackets"
+    )
     for f in dataclasses.fields(DemoConfig):
         if f.name == "sizes":
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=argparse.SUPPRESS)
+        recipe.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=None,
+            metavar=type(f.default).__name__.upper(),
+            help=f"[{getattr(PRESETS['default'], f.name)}]",
+        )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}.")
