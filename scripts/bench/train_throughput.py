@@ -8,7 +8,7 @@ for the same number of steps at the same batch size:
 
   ours         `llava.train.train.train(...)` with `--group_by_modality_length True`, as scripts/v1_5/finetune.sh
   ours_packed  the same with `--packing True` (`--packed-rows` rows of `--pack-length` positions per step)
-  ours_bf16    the same with `--bf16 True` (on CPU: bf16 autocast, where the CPU has AVX512-BF16 / AMX)
+  ours_bf16    the same with `--bf16 True` (CPU: bf16 autocast, emulated without AVX512-BF16/AMX)
   baseline     the same model converted to `LlavaForConditionalGeneration` (`llava.model.convert_hf.build_hf_model`),
                HF `Trainer` with its default random sampler and a plain collator that pads each batch to its longest
                sample (the "LLaVA on a budget" recipe); it reads the same tokenized samples and pixels as ours
@@ -352,7 +352,7 @@ def _last_loss(trainer) -> float | None:
 OURS_VARIANTS = {
     "ours": {},
     "ours_packed": {"packing": "True"},  # rows of --model_max_length; --packed-rows of them per step
-    "ours_bf16": {"bf16": "True"},  # CPU: bf16 autocast (needs AVX512-BF16 / AMX); fp32 weights and optimizer
+    "ours_bf16": {"bf16": "True"},  # CPU: bf16 autocast (emulated without AVX512-BF16/AMX); fp32 weights, optimizer
 }
 
 
