@@ -420,3 +420,31 @@ def test_mfu_flops_of_the_7b_shape():
     # 6 x ~6.6e9 parameters per token dominates; attention and the frozen tower add a few percent.
     per_token = flops["total"] / flops["tokens"]
     assert 6 * 6.4e9 < per_token < 6 * 7.6e9
+
+
+def test_thread_policy_benchmark_runs_each_policy_idle_and_busy(tmp_path):
+    """scripts/bench/threads.py: each policy in a fresh interpreter, without and then beside its own competitor
+    (started and stopped by PID), with the thread count the policy chose."""
+    out = tmp_path / "threads.json"
+    policies = "cores-1,gomp-spin10k,llava"
+    run = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "threads.py"), "--steps", "1", "--policies", policies, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == policies.split(",")
+    cores = os.cpu_count()
+    assert report["results"]["cores-1"]["threads"] == max(1, cores - 1)
+    assert report["results"]["llava"]["threads"] == cores  # llava.runtime: every core, waiting passively
+    for name, r in report["results"].items():
+        assert r["idle_s"] > 0 and r["busy_s"] > 0, name
+        assert f"{name} " in run.stdout
+    bad = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "threads.py"), "--policies", "spin-forever"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "unknown policies" in bad.stderr

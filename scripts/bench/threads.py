@@ -25,6 +25,9 @@ POLICIES = {
     "passive-env": ({"OMP_WAIT_POLICY": "PASSIVE"}, "", None),
     "passive-inproc": ({}, "import os; os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'", None),
     "gomp-spin0": ({"GOMP_SPINCOUNT": "0"}, "", None),
+    # bounded spinning (libgomp's default is 300000 spins): between passive and torch's default
+    "gomp-spin10k": ({"GOMP_SPINCOUNT": "10000"}, "", None),
+    "gomp-spin100k": ({"GOMP_SPINCOUNT": "100000"}, "", None),
     "llava": ({}, "from llava.runtime import configure_threads; configure_threads()", None),
 }
 
@@ -57,7 +60,11 @@ print(json.dumps({{"per_step": (time.perf_counter() - start) / {steps}, "threads
 
 def run_policy(name: str, steps: int) -> dict:
     env_add, prelude, threads = POLICIES[name]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LLAVA_THREADS")
+    }
     env.update(env_add)
     code = WORKLOAD.format(prelude=prelude, threads=threads, steps=steps)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
