@@ -169,12 +169,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, D
     for f in dataclasses.fields(DemoConfig):
         if f.name == "sizes":
             continue
+        kind = type(f.default)  # the default preset is DemoConfig() itself
         recipe.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
+            type=kind,
             default=None,
-            metavar=type(f.default).__name__.upper(),
-            help=f"[{getattr(PRESETS['default'], f.name)}]",
+            metavar=kind.__name__.upper(),
+            help=f"[{f.default}]",
         )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
